@@ -1,0 +1,25 @@
+# Two entry points, each self-installing into a virtual environment:
+#   make demo   -- the embedded offline demo (tiny models, real digits data, CPU)
+#   make test   -- the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	# torch first and pinned, so pip takes the local CPU build rather than a multi-GB CUDA one.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) recipes/demo.py --output_dir outputs/demo
+
+test: $(STAMP)
+	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -x -p no:cacheprovider
