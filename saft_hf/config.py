@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,11 +85,11 @@ class SAFTConfig(TrainingArguments):
             raise ValueError(f"sam_adaptive_scope must be one of {ADAPTIVE_SCOPES}, got {self.sam_adaptive_scope!r}.")
         if self.sam_rho is None:
             self.sam_rho = DEFAULT_RHO[self.sam_mode]
-        if self.sam_rho < 0:
-            raise ValueError(f"sam_rho must be >= 0, got {self.sam_rho}.")
-        if self.sam_eta < 0:
-            raise ValueError(f"sam_eta must be >= 0, got {self.sam_eta}.")
-        if not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+        if not (math.isfinite(self.sam_rho) and self.sam_rho >= 0):
+            raise ValueError(f"sam_rho must be a finite number >= 0, got {self.sam_rho}.")
+        if not (math.isfinite(self.sam_eta) and self.sam_eta >= 0):
+            raise ValueError(f"sam_eta must be a finite number >= 0, got {self.sam_eta}.")
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval must be an integer >= 1, got {self.sam_interval!r}.")
         super().__post_init__()
 

@@ -8,8 +8,13 @@ from saft_hf import SAFTConfig
     [
         ({"sam_mode": "adam"}, "sam_mode"),
         ({"sam_rho": -0.1}, "sam_rho"),
+        ({"sam_rho": float("nan")}, "sam_rho"),
+        ({"sam_rho": float("inf")}, "sam_rho"),
         ({"sam_eta": -1e-3}, "sam_eta"),
+        ({"sam_eta": float("nan")}, "sam_eta"),
         ({"sam_interval": 0}, "sam_interval"),
+        ({"sam_interval": 2.5}, "sam_interval"),
+        ({"sam_interval": True}, "sam_interval"),
         ({"sam_adaptive_scope": "biases"}, "sam_adaptive_scope"),
     ],
 )

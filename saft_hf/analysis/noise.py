@@ -1,0 +1,115 @@
+"""The effective noise scale of stochastic training, and a `TrainerCallback` that logs it.
+
+The optimizer-implicit-bias paper (Eq. 3) summarises how learning rate ``eta``, batch size ``B`` and momentum ``mu``
+set the "temperature" of SGD as
+
+    S_eff = eta / (B (1 - mu)^2) * tr Sigma(theta)      and its normalised proxy      S~ = eta / (B (1 - mu)^2)
+
+where ``Sigma`` is the per-example gradient-noise covariance (raised by data augmentation and data diversity).
+Merging success is a non-monotonic function of it. :func:`effective_noise_scale` returns the proxy ``S~``, or
+``S_eff`` when a gradient-noise trace is supplied (estimating the trace is left to the caller: it needs per-example
+gradients, which this module does not compute).
+
+For Adam-family optimizers the momentum is ``beta1``, the decay rate of the first-moment average that plays the
+role of SGD's heavy-ball momentum; the adaptive second-moment scaling is not part of the formula (the paper uses the
+same proxy for its AdamW runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+NOISE_SCALE_LOG_KEY = "noise/effective_scale"
+
+
+def effective_noise_scale(
+    learning_rate: float, batch_size: int, momentum: float = 0.0, gradient_noise_trace: float | None = None
+) -> float:
+    """``learning_rate / (batch_size (1 - momentum)^2)``, times ``gradient_noise_trace`` when given."""
+    if not math.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+    scale = learning_rate / (batch_size * (1 - momentum) ** 2)
+    if gradient_noise_trace is not None:
+        if gradient_noise_trace < 0:
+            raise ValueError(f"gradient_noise_trace must be >= 0, got {gradient_noise_trace}.")
+        scale *= gradient_noise_trace
+    return scale
+
+
+def optimizer_momentum(optimizer: torch.optim.Optimizer) -> float:
+    """The momentum the formula uses: ``betas[0]`` (Adam, AdamW, ...), else ``momentum`` (SGD, RMSprop), else 0."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group.get("momentum", 0.0))
+
+
+class EffectiveNoiseScaleCallback(TrainerCallback):
+    """Adds ``noise/effective_scale`` to every training log of a `Trainer` (and to ``state.log_history``).
+
+    ``eta`` is the logged ``learning_rate`` (the scheduler's current value; the optimizer's when a log lacks it),
+    ``B`` the samples per optimizer step, ``per-device batch x gradient accumulation x world size``, and the
+    momentum is read from the optimizer (:func:`optimizer_momentum`). Reporting integrations (TensorBoard, W&B, ...)
+    see the value only if this callback runs before them: use :func:`add_noise_scale_logging`.
+    """
+
+    def __init__(self, gradient_noise_trace: float | None = None):
+        self.gradient_noise_trace = gradient_noise_trace
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Training logs carry the loss; evaluation and end-of-training summaries do not.
+        if logs is None or "loss" not in logs or optimizer is None:
+            return
+        learning_rate = logs.get("learning_rate", optimizer.param_groups[0]["lr"])
+        per_device = state.train_batch_size or args.train_batch_size
+        batch_size = per_device * args.gradient_accumulation_steps * args.world_size
+        scale = effective_noise_scale(
+            float(learning_rate), batch_size, optimizer_momentum(optimizer), self.gradient_noise_trace
+        )
+        logs[NOISE_SCALE_LOG_KEY] = scale
+        # The Trainer appended its copy of these logs to the history just before calling the callbacks.
+        latest = state.log_history[-1] if state.log_history else {}
+        if latest.get("step") == state.global_step and "loss" in latest:
+            latest[NOISE_SCALE_LOG_KEY] = scale
+
+
+def add_noise_scale_logging(trainer: Any, gradient_noise_trace: float | None = None) -> EffectiveNoiseScaleCallback:
+    """Put an :class:`EffectiveNoiseScaleCallback` first in ``trainer``'s callbacks, so that every reporting
+    integration logs the value too; returns it."""
+    callback = EffectiveNoiseScaleCallback(gradient_noise_trace)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+def logged_noise_scale(run_folder: str | os.PathLike) -> float:
+    """The mean of the ``noise/effective_scale`` values logged in a run's ``trainer_state.json`` (the average
+    temperature of the run, the x-axis of the paper's merge-gain plots)."""
+    path = Path(run_folder) / "trainer_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_folder} has no trainer_state.json to read the logged noise scale from.")
+    history = json.loads(path.read_text()).get("log_history", [])
+    values = [entry[NOISE_SCALE_LOG_KEY] for entry in history if NOISE_SCALE_LOG_KEY in entry]
+    if not values:
+        raise ValueError(
+            f"{path} logs no {NOISE_SCALE_LOG_KEY!r}: train with saft_hf.analysis.EffectiveNoiseScaleCallback."
+        )
+    return sum(values) / len(values)

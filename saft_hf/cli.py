@@ -1,0 +1,95 @@
+"""The ``saft-hf`` command: merge models from a YAML recipe, or compute a task vector.
+
+    saft-hf merge CONFIG.yaml [--output_dir DIR] [--push_to_hub ORG/NAME [--private]]
+    saft-hf task-vector --base REF --finetuned REF -o OUT [--task NAME ...]
+    saft-hf task-vector --base REF --lora ADAPTER -o OUT
+
+References are local folders or Hub ids with an optional ``@revision``. Hub access uses the usual token sources
+(``HF_TOKEN``, ``hf auth login``); no token is accepted on the command line, so none ends up in shell history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saft-hf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="Merge models as a YAML recipe describes.")
+    merge.add_argument("config", type=Path, help="Merge recipe (YAML).")
+    merge.add_argument("--output_dir", help="Overrides the recipe's output_dir.")
+    merge.add_argument("--push_to_hub", metavar="REPO", help="Also upload the merged folder to this Hub repo.")
+    merge.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    merge.add_argument("--no_progress", action="store_true", help="No progress bar.")
+
+    vector = commands.add_parser("task-vector", help="Save fine-tuned minus base (or a LoRA adapter's delta).")
+    vector.add_argument("--base", required=True, help="Base model folder or Hub id[@revision].")
+    source = vector.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", help="Fine-tuned model folder or Hub id[@revision].")
+    source.add_argument("--lora", help="PEFT LoRA adapter folder or Hub id[@revision].")
+    vector.add_argument("-o", "--output_dir", required=True, help="Folder to write the task vector to.")
+    vector.add_argument("--task", help="Task name recorded in the metadata.")
+    vector.add_argument("--finetune_mode", help="Fine-tuning mode recorded in the metadata (full, ftlo, ftts, lora).")
+    vector.add_argument("--sam_mode", help="SAM variant used for fine-tuning (recorded).")
+    vector.add_argument("--sam_rho", type=float, help="SAM rho used for fine-tuning (recorded).")
+    vector.add_argument("--sam_eta", type=float, help="ASAM eta used for fine-tuning (recorded).")
+    vector.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                        help="Storage dtype (default: the fine-tune's; float64 makes apply_to exact).")  # fmt: skip
+    vector.add_argument("--max_shard_size", default="2GB", help="Largest safetensors shard.")
+    vector.add_argument("--allow_pickle", action="store_true", help="Accept pickle .bin weights (can run code).")
+    vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")
+    vector.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> Path:
+    from .merging import MergeConfig, merge
+
+    config = MergeConfig.from_yaml(args.config)
+    changes = {}
+    if args.output_dir:
+        changes["output_dir"] = args.output_dir
+    if args.push_to_hub:
+        changes["push_to_hub"] = {"repo_id": args.push_to_hub, "private": args.private}
+    return merge(config.replace(**changes), progress=not args.no_progress)
+
+
+def run_task_vector(args: argparse.Namespace) -> Path:
+    from .task_vectors import TaskVector
+
+    recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
+    if args.lora:
+        vector = TaskVector.from_lora(args.base, args.lora, finetune_mode=args.finetune_mode or "lora",
+                                      allow_pickle=args.allow_pickle, **recorded)  # fmt: skip
+    else:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        vector = TaskVector.from_models(args.base, args.finetuned, finetune_mode=args.finetune_mode, dtype=dtype,
+                                        allow_pickle=args.allow_pickle, **recorded)  # fmt: skip
+    folder = vector.save(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
+    if args.push_to_hub:
+        vector.push_to_hub(args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        folder = run_merge(args) if args.command == "merge" else run_task_vector(args)
+    except _USER_ERRORS as error:
+        parser.exit(1, f"saft-hf: error: {error}\n")
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

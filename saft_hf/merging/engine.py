@@ -1,0 +1,265 @@
+"""The streaming merge engine: one tensor name at a time from memory-mapped inputs to sharded, atomic output.
+
+Peak allocated memory is the method's working set for the largest tensor (constant in the number of models, see
+``methods``) plus the output shard being filled (at most ``max_shard_size``); inputs are memory-mapped, so reading
+them costs page cache, not allocations.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import hub
+from ..checkpoints import (
+    KeyAlignment,
+    ModelWeights,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    align_models,
+    atomic_output_dir,
+    check_replaceable,
+    open_model_weights,
+    tensor_dtype,
+    tensor_shape,
+)
+from ..task_vectors import TaskVector, is_task_vector_folder
+from .config import MergeConfig
+from .methods import get_method
+
+RECIPE_NAME = "merge_config.yaml"
+SEARCH_TABLE_NAME = "search_table"
+# Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
+_NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt",
+               "*.h5", "*.msgpack", "*.onnx", "README.md", RECIPE_NAME, f"{SEARCH_TABLE_NAME}.*", ".*")  # fmt: skip
+
+
+@dataclass
+class _Input:
+    label: str
+    weights: ModelWeights
+    alignment: KeyAlignment
+    task_vector: TaskVector | None = None  # set when the input is a saved task vector (a delta, not weights)
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """A per-tensor seed from the recipe's seed: masks differ between tensors, independent of processing order."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+class MergePlan:
+    """A validated merge with its inputs resolved and open (memory-mapped), ready to stream merged tensors.
+
+    Construction does all checks that need no tensor data: architectures (from configs, before any download),
+    then names, shapes, task vector fingerprints and coverage. Errors name the input and tensor.
+    """
+
+    def __init__(self, config: MergeConfig, *, token: str | bool | None = None):
+        self.config = config
+        self.method = get_method(config.method)
+        self.token = token
+        is_vector = [self._is_task_vector(spec.model, spec.revision) for spec in config.models]
+        models = [spec for spec, vector in zip(config.models, is_vector) if not vector]
+        hub.check_same_architecture(config.base_model, [m.model for m in models], [m.revision for m in models], token)
+        self.base = open_model_weights(config.base_model, allow_pickle=config.allow_pickle, token=token)
+        if is_task_vector_folder(self.base.folder):
+            raise ValueError(f"base_model: {config.base_model} is a task vector, not a model")
+        self.inputs = [
+            self._open_input(index, spec, vector) for index, (spec, vector) in enumerate(zip(config.models, is_vector))
+        ]
+        self.merged_names = self._common_coverage()
+        self.base_ties = self.inputs[0].alignment.base_ties
+        self.weights = [spec.weight for spec in config.models]
+
+    def _is_task_vector(self, ref: str, revision: str | None) -> bool:
+        if hub.is_local(ref):
+            return is_task_vector_folder(Path(ref).expanduser())
+        try:  # a Hub task vector has no config.json; a Hub model without one is reported when it is downloaded
+            hub.fetch_config(ref, revision, token=self.token)
+        except FileNotFoundError:
+            return True
+        return False
+
+    def _open_input(self, index: int, spec, is_vector: bool) -> _Input:
+        label = f"models[{index}] ({spec.model})"
+        if not is_vector:
+            weights = open_model_weights(spec.model, spec.revision, allow_pickle=self.config.allow_pickle,
+                                         token=self.token)  # fmt: skip
+            return _Input(label, weights, align_models(self.base, weights, other_label=label))
+        folder = hub.resolve_model(spec.model, spec.revision, token=self.token)
+        vector = TaskVector.load(folder)
+        weights = ModelWeights(vector, spec.model, hub.resolved_revision(spec.model, spec.revision, self.token), folder)
+        name_map = vector.name_map_for(self.base.tensors, label=f"base for {label}")
+        vector.check_base(self.base.tensors, label=f"{label}: its base", name_map=name_map,
+                          allow_other_base=self.config.allow_other_base)  # fmt: skip
+        mapping = {name_map.to_base(name): name for name in vector}
+        ties = {name_map.to_base(alias): name_map.to_base(name) for alias, name in vector.tied_weights.items()}
+        return _Input(label, weights, KeyAlignment(mapping, ties), vector)
+
+    def _common_coverage(self) -> set[str]:
+        """Base tensors every input provides; inputs must agree on which those are."""
+        first = self.inputs[0]
+        covered = set(first.alignment.mapping)
+        for other in self.inputs[1:]:
+            difference = covered.symmetric_difference(other.alignment.mapping)
+            if difference:
+                name = min(difference)
+                has, lacks = (first, other) if name in covered else (other, first)
+                raise ValueError(f"{lacks.label}: has no tensor for base tensor {name!r}, which {has.label} has")
+        return covered
+
+    def output_dtype(self, name: str) -> torch.dtype:
+        dtype = tensor_dtype(self.base.tensors, name)
+        if self.config.dtype is not None and dtype.is_floating_point:
+            return getattr(torch, self.config.dtype)
+        return dtype
+
+    def _finetuned(self, item: _Input, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        tensor = item.weights.tensors[item.alignment.mapping[name]]
+        if item.task_vector is not None:
+            return base_tensor.to(torch.float64, copy=True).add_(tensor.double())
+        return tensor
+
+    def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
+        base_tensor = self.base.tensors[name]
+        finetuned = [self._finetuned(item, name, base_tensor) for item in self.inputs]
+        parameters = self.config.parameters_for(name, dict(overrides or {}))
+        if self.method.seeded:
+            parameters["seed"] = tensor_seed(parameters["seed"], name)
+        merged = self.method.function(base_tensor, finetuned, self.weights, **parameters)
+        return merged.to(self.output_dtype(name))
+
+    def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every base tensor, in the base's order: merged where the inputs cover it, the
+        base's own (in the output dtype) elsewhere; a tensor the base stores under two tied names is merged once."""
+        tied_sources = set(self.base_ties.values())
+        tied_results: dict[str, torch.Tensor] = {}
+        for name in self.base.tensors:
+            source = self.base_ties.get(name, name)
+            if source in tied_results:
+                yield name, tied_results[source].clone()
+            elif source in self.merged_names:
+                tensor = self.merge_tensor(source, overrides)
+                if source in tied_sources:
+                    tied_results[source] = tensor
+                yield name, tensor
+            else:
+                yield name, self.base.tensors[name].to(self.output_dtype(name))
+
+    def recorded_recipe(self, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The recipe as run: Hub references pinned to the commits they resolved to."""
+        recipe = self.config.to_dict()
+        if parameters is not None:
+            recipe["parameters"] = dict(parameters)
+        if self.base.revision is not None:
+            recipe["base_model"] = f"{hub.parse_model_ref(self.config.base_model)[0]}@{self.base.revision}"
+        for entry, item in zip(recipe["models"], self.inputs):
+            if item.weights.revision is not None:
+                entry["model"] = hub.parse_model_ref(entry["model"])[0]
+                entry["revision"] = item.weights.revision
+        return recipe
+
+    def sources(self) -> list[dict[str, Any]]:
+        base_id = hub.parse_model_ref(self.config.base_model)[0]
+        sources = [{"model": base_id, "revision": self.base.revision, "weight": None, "role": "base"}]
+        for spec, item in zip(self.config.models, self.inputs):
+            model = hub.parse_model_ref(spec.model, spec.revision)[0]
+            sources.append({"model": model, "revision": item.weights.revision, "weight": spec.weight})
+        return sources
+
+
+def merge(config: MergeConfig | dict | str | Path, *, token: str | bool | None = None, progress: bool = True) -> Path:
+    """Merge the models of ``config`` (a :class:`MergeConfig`, its dict, or a YAML path) into ``output_dir``.
+
+    The folder is a loadable transformers model: config and tokenizer/processor files from the base, sharded
+    safetensors weights with their index, the recipe as run (``merge_config.yaml``, revisions pinned) and a model
+    card. It appears atomically; on any error nothing is left at ``output_dir`` (an existing merge there is kept).
+    Pushed to the Hub in one commit when ``push_to_hub`` is set.
+    """
+    config = MergeConfig.coerce(config)
+    check_output_dir(config)
+    return write_merge(MergePlan(config, token=token), progress=progress)
+
+
+def check_output_dir(config: MergeConfig) -> Path:
+    """``output_dir``, after checking it is set and that writing there would not replace a foreign folder."""
+    if not config.output_dir:
+        raise ValueError("output_dir: required (where to write the merged model)")
+    output_dir = Path(config.output_dir).expanduser()
+    check_replaceable(output_dir.resolve())
+    return output_dir
+
+
+def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, progress: bool = True,
+                search_table: list[dict[str, Any]] | None = None) -> Path:  # fmt: skip
+    """Write ``plan`` (with parameter ``overrides``, e.g. a search's best point) to its ``output_dir``."""
+    config = plan.config
+    output_dir = check_output_dir(config)
+    parameters = {**config.parameters, **(overrides or {})}
+    with atomic_output_dir(output_dir) as staging:
+        write_model_folder(plan, staging, overrides=overrides, progress=progress)
+        recipe = plan.recorded_recipe(parameters)
+        (staging / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if search_table:
+            write_search_table(search_table, staging)
+        from ..cards import merged_model_card
+
+        merged_model_card(recipe, plan.sources(), search_table).save(staging / "README.md")
+    if config.push_to_hub is not None:
+        hub.push_folder(output_dir, config.push_to_hub.repo_id, private=config.push_to_hub.private,
+                        commit_message=f"Merge with saft_hf ({config.method})", token=plan.token)  # fmt: skip
+    return output_dir
+
+
+def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str, Any] | None = None,
+                       progress: bool = True) -> None:  # fmt: skip
+    """Stream the merged weights into ``folder`` (sharded, with index) and copy the base's support files."""
+    config = plan.config
+    specs = [TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors]
+    with ShardedSafetensorsWriter(folder, specs, max_shard_size=config.max_shard_size) as writer:
+        tensors = plan.merged_tensors(overrides)
+        for name, tensor in tqdm(tensors, total=len(specs), desc=f"merging ({config.method})", unit="tensor",
+                                 disable=not progress):  # fmt: skip
+            writer.add(name, tensor)
+        writer.close()
+    _copy_support_files(plan.base.folder, folder, config.dtype)
+
+
+def _copy_support_files(base_folder: Path, target: Path, dtype: str | None) -> None:
+    """Copy config, generation config, tokenizer and processor files; record a requested output dtype."""
+    for path in sorted(base_folder.iterdir()):
+        if path.is_file() and not any(fnmatch.fnmatch(path.name, pattern) for pattern in _NOT_COPIED):
+            shutil.copy2(path, target / path.name)
+    config_path = target / "config.json"
+    if dtype is not None and config_path.is_file():
+        model_config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in model_config or key == "dtype":
+                model_config[key] = dtype
+        config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+
+
+def write_search_table(table: list[dict[str, Any]], folder: Path) -> None:
+    """``search_table.json`` and ``search_table.csv``: one row per grid point with its parameters and score."""
+    (folder / f"{SEARCH_TABLE_NAME}.json").write_text(json.dumps(table, indent=2))
+    columns = list(dict.fromkeys(key for row in table for key in row))
+    with open(folder / f"{SEARCH_TABLE_NAME}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+
+__all__ = ["MergePlan", "check_output_dir", "merge", "tensor_seed", "write_merge", "write_model_folder", "write_search_table"]

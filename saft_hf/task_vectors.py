@@ -1,0 +1,459 @@
+"""Task vectors: ``tau = theta_finetuned - theta_base`` over floating-point tensors, saved as safetensors.
+
+A :class:`TaskVector` is a lazy mapping from the base model's tensor names to deltas. Built from two models, it
+reads one tensor of each at a time; loaded from disk, it memory-maps the file; arithmetic (``+``, ``-``, scalar
+``*``, negation) composes lazily, so ``(tv_a + tv_b).save(...)`` streams. Integer and boolean buffers are not part
+of a task vector. Differences are computed in float64 and stored in the fine-tune's dtype unless asked otherwise.
+
+Every vector records a fingerprint of the base weights it was computed from; applying it to a base with another
+fingerprint raises unless ``allow_other_base=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import (
+    CheckpointReader,
+    ComputedStateDict,
+    LazyStateDict,
+    ModelWeights,
+    NameMap,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    align_models,
+    atomic_output_dir,
+    base_fingerprint,
+    check_shapes,
+    find_name_map,
+    float_names,
+    open_model_weights,
+    shared_storage_aliases,
+    tensor_dtype,
+    tensor_shape,
+)
+
+TASK_VECTOR_FORMAT = "saft_hf.task_vector"
+TASK_VECTOR_WEIGHTS_NAME = "task_vector"
+METADATA_FIELDS = ("format", "base_model", "base_revision", "task", "finetune_mode", "sam_mode", "sam_rho",
+                   "sam_eta", "saft_hf_version", "base_fingerprint", "source")  # fmt: skip
+TIED_WEIGHTS_FIELD = "tied_weights"  # JSON {base name stored twice: name of the tensor in the vector}
+
+ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("saft_hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class TaskVector(LazyStateDict):
+    """``fine_tuned - base`` per floating-point tensor, keyed by the base's tensor names.
+
+    ``metadata`` holds the string fields written into the safetensors header (see ``METADATA_FIELDS``);
+    ``tied_weights`` maps base names that hold a tied copy of a tensor to the name the vector stores it under.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 tied_weights: Mapping[str, str] | None = None):  # fmt: skip
+        self._tensors = tensors
+        self.metadata = {"format": TASK_VECTOR_FORMAT, **{k: _text(v) for k, v in (metadata or {}).items()}}
+        self.tied_weights = dict(tied_weights or {})
+
+    # ---- mapping -------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tensor_shape(self._tensors, name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return tensor_dtype(self._tensors, name)
+
+    @property
+    def task(self) -> str:
+        return self.metadata.get("task", "")
+
+    def __repr__(self) -> str:
+        return f"TaskVector(task={self.task!r}, base_model={self.metadata.get('base_model')!r}, tensors={len(self)})"
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, base: ModelLike, finetuned: ModelLike, *, base_revision: str | None = None,
+                    finetuned_revision: str | None = None, task: str | None = None,
+                    finetune_mode: str | None = None, sam_mode: str | None = None, sam_rho: float | None = None,
+                    sam_eta: float | None = None, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                    token: str | bool | None = None) -> TaskVector:  # fmt: skip
+        """``finetuned - base``. Either side may be a local folder, a Hub reference (``org/name@rev``), a model or a
+        state dict. Tensors are read lazily; the result is computed on access (or streamed by :meth:`save`).
+
+        The fine-tune may be a sub-model of the base (a ``CLIPVisionModel`` of a ``CLIPModel``): the vector then
+        covers the sub-model's tensors. ``dtype`` defaults to the fine-tune's; pass ``torch.float64`` for a vector
+        whose :meth:`apply_to` with ``alpha=1`` reproduces the fine-tune bit for bit.
+
+        Raises ``ValueError`` naming the tensor on a key, shape or dtype mismatch.
+        """
+        base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
+        tuned = open_model_weights(finetuned, finetuned_revision, allow_pickle=allow_pickle, token=token)
+        label = f"fine-tuned model {tuned.label}"
+        alignment = align_models(base_weights, tuned, other_label=label)
+        for base_name, tuned_name in alignment.mapping.items():
+            base_dtype, tuned_dtype = tensor_dtype(base_weights.tensors, base_name), tensor_dtype(tuned.tensors, tuned_name)
+            if base_dtype != tuned_dtype:
+                raise ValueError(f"{label}: tensor {tuned_name!r} is {tuned_dtype}, the base's is {base_dtype}")
+
+        def compute(name: str) -> torch.Tensor:
+            difference = _float64(tuned.tensors[alignment.mapping[name]]).sub_(base_weights.tensors[name].double())
+            return difference.to(dtype or tensor_dtype(tuned.tensors, alignment.mapping[name]))
+
+        tensors = ComputedStateDict(
+            alignment.mapping, compute, shape=lambda name: tensor_shape(base_weights.tensors, name),
+            dtype=lambda name: dtype or tensor_dtype(tuned.tensors, alignment.mapping[name]),
+        )  # fmt: skip
+        metadata = _metadata(base_weights, list(alignment.mapping), source=tuned.label, task=task,
+                             finetune_mode=finetune_mode, sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
+        return cls(tensors, metadata, alignment.base_ties)
+
+    @classmethod
+    def from_lora(cls, base: ModelLike, adapter: str | os.PathLike, *, base_revision: str | None = None,
+                  adapter_revision: str | None = None, task: str | None = None, finetune_mode: str = "lora",
+                  sam_mode: str | None = None, sam_rho: float | None = None, sam_eta: float | None = None,
+                  allow_pickle: bool = False, token: str | bool | None = None) -> TaskVector:  # fmt: skip
+        """The dense task vector of a PEFT LoRA adapter folder (or Hub reference) over ``base``.
+
+        Each adapted weight gets ``B @ A * scaling`` (transposed for ``fan_in_fan_out`` / GPT-2 ``Conv1D`` and for
+        embeddings), with ``r`` and ``alpha`` from ``rank_pattern`` / ``alpha_pattern`` and ``scaling = alpha / r``
+        or ``alpha / sqrt(r)`` with rsLoRA; trained biases and ``modules_to_save`` give ``saved - base``. This
+        equals ``merge_and_unload() - base``. DoRA and other variants a weight delta cannot express are refused.
+        """
+        base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
+        tensors, source = _lora_deltas(base_weights, str(adapter), adapter_revision, allow_pickle, token)
+        metadata = _metadata(base_weights, list(tensors), source=source, task=task, finetune_mode=finetune_mode,
+                             sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
+        return cls(tensors, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskVector:
+        """Open a saved task vector folder lazily (tensors are memory-mapped and read on access)."""
+        reader = CheckpointReader(path)
+        if reader.metadata.get("format") != TASK_VECTOR_FORMAT:
+            raise ValueError(f"{path}: not a saft_hf task vector (safetensors metadata format is "
+                             f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
+        tied = json.loads(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}")
+        metadata = {k: v for k, v in reader.metadata.items() if k != TIED_WEIGHTS_FIELD}
+        return cls(reader, metadata, tied)
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    def header_metadata(self) -> dict[str, str]:
+        metadata = dict(self.metadata)
+        if self.tied_weights:
+            metadata[TIED_WEIGHTS_FIELD] = json.dumps(self.tied_weights, sort_keys=True)
+        return metadata
+
+    def save(self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB", progress: bool = False) -> Path:
+        """Write ``task_vector.safetensors`` (or shards plus ``task_vector.safetensors.index.json``) into ``path``,
+        one tensor at a time. Atomic: the folder appears complete or not at all."""
+        from tqdm.auto import tqdm
+
+        with atomic_output_dir(path) as staging:
+            specs = [TensorSpec(name, self.shape(name), self.dtype(name)) for name in self]
+            with ShardedSafetensorsWriter(staging, specs, prefix=TASK_VECTOR_WEIGHTS_NAME, max_shard_size=max_shard_size,
+                                          metadata=self.header_metadata()) as writer:  # fmt: skip
+                for name in tqdm(list(self), desc="task vector", unit="tensor", disable=not progress):
+                    writer.add(name, self[name])
+                writer.close()
+        return Path(path)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                    commit_message: str | None = None, revision: str | None = None,
+                    max_shard_size: int | str = "2GB") -> str:  # fmt: skip
+        """Upload the weights and a model card to ``repo_id`` in one commit; return the commit sha."""
+        from .cards import task_vector_card
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:
+            folder = self.save(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
+            task_vector_card({**self.metadata, "repo_id": repo_id}).save(folder / "README.md")
+            message = commit_message or f"Upload task vector {self.task or ''}".strip()
+            return push_folder(folder, repo_id, private=private, commit_message=message, token=token, revision=revision)
+
+    # ---- arithmetic ----------------------------------------------------------------------------------------
+    def _combine(self, other: TaskVector, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 symbol: str) -> TaskVector:  # fmt: skip
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        mine, theirs = self.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint")
+        if mine and theirs and mine != theirs:
+            raise ValueError(
+                f"cannot combine task vectors of different bases: {self.metadata.get('base_model')!r} ({mine}) "
+                f"and {other.metadata.get('base_model')!r} ({theirs})"
+            )
+        for name in self:
+            if name not in other:
+                raise ValueError(f"task vector {other.task!r} has no tensor {name!r}, which {self.task!r} has")
+            if self.shape(name) != other.shape(name):
+                raise ValueError(f"tensor {name!r}: shape {list(self.shape(name))} vs {list(other.shape(name))}")
+        for name in other:
+            if name not in self:
+                raise ValueError(f"task vector {self.task!r} has no tensor {name!r}, which {other.task!r} has")
+        tensors = ComputedStateDict(
+            list(self), lambda name: operation(self[name], other[name]), shape=self.shape,
+            dtype=lambda name: torch.promote_types(self.dtype(name), other.dtype(name)),
+        )  # fmt: skip
+        metadata = {}
+        for key in METADATA_FIELDS:
+            a, b = self.metadata.get(key, ""), other.metadata.get(key, "")
+            if key in ("task", "source"):
+                metadata[key] = f"({a} {symbol} {b})"
+            else:
+                metadata[key] = a if a == b or not b else (b if not a else "mixed")
+        return TaskVector(tensors, metadata, {**other.tied_weights, **self.tied_weights})
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        return self._combine(other, torch.add, "+")
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self._combine(other, torch.sub, "-")
+
+    def __mul__(self, scale: float) -> TaskVector:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            return NotImplemented
+        tensors = ComputedStateDict(list(self), lambda name: self[name] * scale, shape=self.shape, dtype=self.dtype)
+        metadata = {**self.metadata, "task": f"{scale:g}*{self.task}", "source": f"{scale:g}*{self.metadata.get('source', '')}"}
+        return TaskVector(tensors, metadata, self.tied_weights)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> TaskVector:
+        return self * (1.0 / scale)
+
+    def __neg__(self) -> TaskVector:
+        return self * -1
+
+    # ---- application ---------------------------------------------------------------------------------------
+    def apply_to(self, base: ModelLike, alpha: float = 1.0, *, allow_other_base: bool = False,
+                 revision: str | None = None, allow_pickle: bool = False,
+                 token: str | bool | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """``base + alpha * tau`` as a full state dict (tensors the vector does not cover are the base's own).
+
+        Computed in float64 and cast to each base tensor's dtype. Raises ``ValueError`` when the base's fingerprint
+        differs from the one recorded (unless ``allow_other_base``) or a tensor is missing or has another shape.
+        """
+        target = open_model_weights(base, revision, allow_pickle=allow_pickle, token=token)
+        label = f"base {target.label}"
+        name_map = self.name_map_for(target.tensors, label=label)
+        self.check_base(target.tensors, label=label, name_map=name_map, allow_other_base=allow_other_base)
+        in_vector = {name_map.to_base(name): name for name in self}
+        in_vector.update({name_map.to_base(alias): self_name for alias, self_name in self.tied_weights.items()})
+        shared = shared_storage_aliases(target.tensors)
+        result, updated = {}, {}
+        for name, original in target.tensors.items():
+            source = in_vector.get(name) or in_vector.get(shared.get(name))
+            if source is None:
+                result[name] = original
+                continue
+            if source not in updated:
+                updated[source] = _float64(original).add_(self[source].double(), alpha=alpha).to(original.dtype)
+            result[name] = updated[source]
+        return result
+
+    def name_map_for(self, base: Mapping[str, torch.Tensor], *, label: str) -> NameMap:
+        """How ``base`` names this vector's tensors; raises naming a tensor it lacks or has with another shape."""
+        name_map = find_name_map(float_names(base), list(self))
+        mapping = {}
+        for name in self:
+            base_name = name_map.to_base(name)
+            if base_name is None or base_name not in base:
+                raise ValueError(f"{label}: has no tensor {name!r}, which the task vector has")
+            mapping[base_name] = name
+        check_shapes(base, self, mapping, other_label="task vector")
+        return name_map
+
+    def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, name_map: NameMap = NameMap(),
+                   allow_other_base: bool = False) -> None:  # fmt: skip
+        """Raise unless ``base`` has the fingerprint this vector was computed against (or ``allow_other_base``)."""
+        expected = self.metadata.get("base_fingerprint")
+        if not expected or allow_other_base:
+            return
+        actual = base_fingerprint(base, [name_map.to_base(name) for name in sorted(self)])
+        if actual != expected:
+            raise ValueError(
+                f"{label}: weights differ from the base this task vector was computed from "
+                f"({self.metadata.get('base_model')!r}, fingerprint {expected}; this base: {actual}). "
+                "Pass allow_other_base=True (recipe: allow_other_base: true) to apply it anyway."
+            )
+
+
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float64, copy=True)
+
+
+def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, str]:
+    return {
+        "format": TASK_VECTOR_FORMAT,
+        "base_model": base.ref,
+        "base_revision": base.revision,
+        "saft_hf_version": _library_version(),
+        "base_fingerprint": base_fingerprint(base.tensors, sorted(names)),
+        **fields,
+    }
+
+
+def is_task_vector_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a saved task vector (and no model config)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return False
+    names = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json")
+    return any((folder / name).is_file() for name in names)
+
+
+# ---- LoRA adapters -----------------------------------------------------------------------------------------------
+
+_LORA_PREFIX = "base_model.model."
+_LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                  (".lora_embedding_B", "B"))  # fmt: skip
+# adapter_config.json options under which the merged weight is not base + B @ A * scaling (or not input-independent).
+_UNSUPPORTED_LORA_OPTIONS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "layer_replication",
+                             "target_parameters", "trainable_token_indices", "megatron_config", "velora_config",
+                             "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")  # fmt: skip
+
+
+def _lora_deltas(base: ModelWeights, adapter: str, revision: str | None, allow_pickle: bool,
+                 token: str | bool | None) -> tuple[ComputedStateDict, str]:  # fmt: skip
+    """Dense deltas of the adapter at ``adapter``, keyed by base tensor names, and a label for the adapter."""
+    from peft.utils.other import get_pattern_key
+    from transformers.pytorch_utils import Conv1D
+
+    from . import hub
+
+    folder = hub.resolve_model(adapter, revision, allow_pickle=allow_pickle, token=token)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json; not a PEFT adapter folder")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters have task vectors here")
+    for option in _UNSUPPORTED_LORA_OPTIONS:
+        if config.get(option):
+            raise ValueError(
+                f"{config_path}: {option}={config[option]!r} is not supported: a task vector is a fixed weight "
+                "difference, and only plain LoRA and rsLoRA merge into one (base + B @ A * scaling)"
+            )
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file() and (folder / "adapter_model.bin").is_file():
+        weights_file = folder / "adapter_model.bin"
+    adapter_tensors = CheckpointReader(weights_file, allow_pickle=allow_pickle)
+
+    pairs: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}  # base name -> adapter key holding the whole trained tensor (biases, modules_to_save)
+    for key in adapter_tensors:
+        name = key.removeprefix(_LORA_PREFIX)
+        for suffix, part in _LORA_SUFFIXES:
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], {})[part] = key
+                break
+        else:
+            if ".lora_" in name:
+                raise ValueError(f"{weights_file}: tensor {key!r} belongs to a LoRA variant a task vector cannot express")
+            full[name.replace(".base_layer.", ".")] = key
+
+    model = base.module()
+    label = f"adapter {adapter}"
+    plans: dict[str, Callable[[], torch.Tensor]] = {}
+    for path, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"{weights_file}: module {path!r} has lora_{next(iter(parts))} but no matching pair")
+        name = f"{path}.weight"
+        if name not in base.tensors:
+            raise ValueError(f"{label}: adapts {path!r}, but the base {base.label} has no tensor {name!r}")
+        a_shape, b_shape = tensor_shape(adapter_tensors, parts["A"]), tensor_shape(adapter_tensors, parts["B"])
+        module = _submodule(model, path)
+        if len(a_shape) != 2 or isinstance(module, torch.nn.modules.conv._ConvNd):
+            raise ValueError(f"{label}: module {path!r} is a convolution; LoRA on convolutions is not supported")
+        # PEFT's own pattern matching (get_pattern_key), as LoraModel applies rank_pattern / alpha_pattern.
+        rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), path), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), path), config["lora_alpha"])
+        if a_shape[0] != rank:
+            raise ValueError(f"{weights_file}: {parts['A']!r} has rank {a_shape[0]}, adapter_config.json says {rank}")
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        embedding = parts["A"].endswith("lora_embedding_A")
+        if module is None:
+            transpose = embedding or bool(config.get("fan_in_fan_out"))
+        else:
+            transpose = embedding or isinstance(module, Conv1D)
+        delta_shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
+        if delta_shape != tensor_shape(base.tensors, name):
+            raise ValueError(f"{label}: B @ A for {name!r} has shape {list(delta_shape)}, the base tensor "
+                             f"{list(tensor_shape(base.tensors, name))}")  # fmt: skip
+        plans[name] = _lora_delta(adapter_tensors, parts["A"], parts["B"], transpose, scaling,
+                                  tensor_dtype(base.tensors, name))  # fmt: skip
+    for name, key in full.items():
+        if name not in base.tensors:
+            raise ValueError(f"{label}: saves tensor {key!r}, but the base {base.label} has no tensor {name!r}")
+        check_shapes(base.tensors, adapter_tensors, {name: key}, other_label=label)
+        plans[name] = _replacement_delta(base.tensors, name, adapter_tensors, key)
+    order = [name for name in base.tensors if name in plans]
+    tensors = ComputedStateDict(order, lambda name: plans[name](), shape=lambda name: tensor_shape(base.tensors, name),
+                                dtype=lambda name: tensor_dtype(base.tensors, name))  # fmt: skip
+    revision_label = hub.resolved_revision(adapter, revision, token=token)
+    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}"
+
+
+def _submodule(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:
+    if model is None:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _lora_delta(tensors: Mapping[str, torch.Tensor], a_key: str, b_key: str, transpose: bool, scaling: float,
+                dtype: torch.dtype) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """``B @ A * scaling`` exactly as PEFT's ``get_delta_weight`` computes it (half precision via float32 on CPU)."""
+
+    def compute() -> torch.Tensor:
+        weight_a, weight_b = tensors[a_key], tensors[b_key]
+        if weight_b.dtype in (torch.float16, torch.bfloat16):
+            weight_a, weight_b = weight_a.float(), weight_b.float()
+        product = weight_b @ weight_a
+        return ((product.T if transpose else product) * scaling).to(dtype)
+
+    return compute
+
+
+def _replacement_delta(base: Mapping[str, torch.Tensor], name: str, tensors: Mapping[str, torch.Tensor],
+                       key: str) -> Callable[[], torch.Tensor]:  # fmt: skip
+    def compute() -> torch.Tensor:
+        return _float64(tensors[key]).sub_(base[name].double()).to(tensor_dtype(base, name))
+
+    return compute
+
+
+__all__ = ["TASK_VECTOR_FORMAT", "TaskVector", "is_task_vector_folder"]
