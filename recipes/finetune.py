@@ -50,6 +50,7 @@ from datasets import DatasetDict
 from transformers import AutoImageProcessor, HfArgumentParser, set_seed
 
 from saft_hf import SAFTConfig, SAFTTrainer
+from saft_hf.analysis import add_noise_scale_logging
 from saft_hf.data import ImageClassificationTask, Task, TextToTextTask, get_task
 from saft_hf.evaluation import (
     GenerativeEvaluationMixin,
@@ -365,6 +366,7 @@ def finetune_text_to_text(
 
 
 def _train(trainer: SAFTTrainer, training_args: SAFTConfig) -> None:
+    add_noise_scale_logging(trainer)  # logs noise/effective_scale, the noise-sweep recipe's x-axis
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()
     _save_metrics(trainer, "train", result.metrics)
