@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) recipes/finetune.py --config recipes/configs/demo.yaml
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) recipes/demo.py --output_dir outputs/demo
 
 test: $(STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -x -p no:cacheprovider

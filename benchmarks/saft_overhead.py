@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
         "model": model_name, "configuration": configuration, "trainable_parameters": parameters,
         "step_seconds": sum(fastest[kind] * (share if kind else 1 - share) for kind in fastest if fastest[kind]),
         "cycle_median_seconds": statistics.median(cycle_means),
-        "steps": [round(s, 3) for s in timer.seconds], "peak_anon_mb": sampler.peak_kb / KB_PER_MB,
+        "steps": timer.seconds, "perturbed": timer.perturbed, "peak_anon_mb": sampler.peak_kb / KB_PER_MB,
         "baseline_anon_mb": baseline_kb / KB_PER_MB, "peak_rss_mb": _status_kb("VmHWM") / KB_PER_MB,
     }  # fmt: skip
 
@@ -153,6 +154,10 @@ def report(rows: dict[tuple[str, str], dict], models: list[str]) -> None:
         print(f"{model:<14}{configuration:<17}{row['step_seconds']:>8.2f}{row['cycle_median_seconds']:>9.2f}"
               f"{row['peak_anon_mb']:>14.0f}{row['peak_anon_mb'] - row['baseline_anon_mb']:>14.0f}"
               f"{row['peak_rss_mb']:>13.0f}")  # fmt: skip
+    print("\nper-step seconds (2 warm-up steps first; * = perturbed):")
+    for (model, configuration), row in rows.items():
+        steps = " ".join(f"{s:.2f}{'*' if p else ''}" for s, p in zip(row["steps"], row["perturbed"]))
+        print(f"  {model:<14}{configuration:<17}{steps}")
     print()
     for model in models:
         plain, saft, interval = (rows[model, name] for name in CONFIGURATIONS)
@@ -181,12 +186,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(*args.worker, args.batch_size, args.cycles, args.threads)))
         return
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs", flush=True)
     rows = {}
     for model in args.models:
         for configuration in CONFIGURATIONS:
             print(f"running {model} / {configuration} ...", flush=True)
             rows[model, configuration] = run_worker(model, configuration, args.batch_size, args.cycles, args.threads)
-    print()
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     report(rows, args.models)
 
 

@@ -10,7 +10,7 @@ A task is a mapping from digit to class index plus the class names (and prompt t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -40,7 +40,9 @@ def load_digits_splits() -> DatasetDict:
     return DatasetDict(**split_validation(parts["train"]), test=parts["test"])
 
 
-def _digits_task_splits(class_of_digit: Mapping[int, int], class_names: Sequence[str]) -> DatasetDict:
+def _digits_task_splits(
+    class_of_digit: Mapping[int, int], class_names: Sequence[str], source_splits: DatasetDict
+) -> DatasetDict:
     features = Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
 
     def relabel(batch: dict[str, list]) -> dict[str, list]:
@@ -51,7 +53,7 @@ def _digits_task_splits(class_of_digit: Mapping[int, int], class_names: Sequence
             split: dataset.filter(lambda digit: digit in class_of_digit, input_columns="label").map(
                 relabel, batched=True, features=features
             )
-            for split, dataset in load_digits_splits().items()
+            for split, dataset in source_splits.items()
         }
     )
 
@@ -61,9 +63,12 @@ def make_digits_task(
     class_names: Sequence[str],
     class_of_digit: Mapping[int, int],
     templates: Sequence[str] = DIGIT_TEMPLATES,
+    source_splits: Callable[[], DatasetDict] = load_digits_splits,
 ) -> ImageClassificationTask:
     """A task on the digits data: `class_of_digit` maps each digit the task uses to its class index (digits it
-    leaves out are dropped), `class_names[i]` names class `i`."""
+    leaves out are dropped), `class_names[i]` names class `i`. `source_splits` returns the digit-labelled splits
+    it draws from (default: all of `load_digits_splits`; the demo holds part of the train split out for
+    pre-training)."""
     unknown = sorted(set(class_of_digit) - set(range(10)))
     if unknown:
         raise ValueError(f"Digits task {name!r}: class_of_digit has keys {unknown} that are not digits 0-9.")
@@ -80,7 +85,7 @@ def make_digits_task(
             raise ValueError(
                 f"Task {name!r} uses the digits bundled with scikit-learn; it takes no dataset source ({source!r})."
             )
-        return _digits_task_splits(class_of_digit, class_names)
+        return _digits_task_splits(class_of_digit, class_names, source_splits())
 
     return ImageClassificationTask(name, class_names, tuple(templates), load_splits)
 
