@@ -27,41 +27,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from memory import AnonSampler, status_kb
+
 MB = 1024**2
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-class AnonSampler:
-    """Peak of ``RssAnon`` sampled in a background thread (torch kernels release the GIL, so it keeps sampling)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
-            time.sleep(self.interval)
-
-    def __enter__(self) -> AnonSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -118,7 +89,7 @@ def measure(workdir: Path, approach: str, method: str, count: int) -> dict:
     naive_merge(warm_up | {"output_dir": warm_up["output_dir"] + "-naive", "parameters": {}}, get_method(method))
     config = {"base_model": str(workdir / "base"), "models": [str(workdir / f"ft{i}") for i in range(count)],
               "method": method, "parameters": METHOD_PARAMETERS[method], "output_dir": str(output_dir)}  # fmt: skip
-    baseline_kb = _status_kb("RssAnon")
+    baseline_kb = status_kb("RssAnon")
     start = time.perf_counter()
     with AnonSampler() as sampler:
         if approach == "streaming":
@@ -129,7 +100,7 @@ def measure(workdir: Path, approach: str, method: str, count: int) -> dict:
     for folder in (output_dir, Path(warm_up["output_dir"]), Path(warm_up["output_dir"] + "-naive")):
         shutil.rmtree(folder, ignore_errors=True)
     return {"approach": approach, "method": method, "T": count, "seconds": seconds,
-            "peak_rss_mb": _status_kb("VmHWM") / 1024, "peak_anon_mb": sampler.peak_kb / 1024,
+            "peak_rss_mb": status_kb("VmHWM") / 1024, "peak_anon_mb": sampler.peak_kb / 1024,
             "baseline_anon_mb": baseline_kb / 1024, "anon_above_baseline_mb": (sampler.peak_kb - baseline_kb) / 1024}  # fmt: skip
 
 

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from merge_scaling import AnonSampler, _status_kb
+from memory import AnonSampler, status_kb
 
 CONFIGURATIONS = {
     "plain": {"sam_mode": "none"},
@@ -121,7 +121,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
     )  # fmt: skip
     timer = StepTimer()
     trainer = SAFTTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
-    baseline_kb = _status_kb("RssAnon")
+    baseline_kb = status_kb("RssAnon")
     with AnonSampler() as sampler:
         trainer.train()
     timed = list(zip(timer.seconds, timer.perturbed))[WARMUP_STEPS:]
@@ -133,7 +133,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
         "step_seconds": sum(fastest[kind] * (share if kind else 1 - share) for kind in fastest if fastest[kind]),
         "cycle_median_seconds": statistics.median(cycle_means),
         "steps": timer.seconds, "perturbed": timer.perturbed, "peak_anon_mb": sampler.peak_kb / KB_PER_MB,
-        "baseline_anon_mb": baseline_kb / KB_PER_MB, "peak_rss_mb": _status_kb("VmHWM") / KB_PER_MB,
+        "baseline_anon_mb": baseline_kb / KB_PER_MB, "peak_rss_mb": status_kb("VmHWM") / KB_PER_MB,
     }  # fmt: skip
 
 
