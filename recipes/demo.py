@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     register_demo_tasks()
