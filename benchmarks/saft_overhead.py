@@ -103,7 +103,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
             self.perturbed: list[bool] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.perturbed.append(args.sam_enabled and state.global_step % args.sam_interval == 0)
+            self.perturbed.append(args.sam_perturbs_step(state.global_step))
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):

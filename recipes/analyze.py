@@ -50,7 +50,7 @@ from saft_hf.analysis import (
     plot_merge_gain_vs_noise,
     task_arithmetic_gain,
 )
-from saft_hf.analysis.results import write_atomically
+from saft_hf.checkpoints import write_atomically
 from saft_hf.task_vectors import TaskVector, is_task_vector_folder
 
 ANALYSES = ("disentanglement", "landscape", "linearity", "barrier", "hessian", "gain")
@@ -177,17 +177,18 @@ def run_linearity(args, outputs: Outputs, tasks: list[AnalysisTask], families: d
 
 def run_barrier(args, outputs: Outputs, tasks: list[AnalysisTask], families: dict) -> None:
     gammas = coefficient_grid(0.0, 1.0, args.barrier_points)
-    for t, task in enumerate(tasks):
-        results = {}
-        for label, vectors in families.items():
-            base = current_weights(task.model, list(dict.fromkeys(name for vector in vectors for name in vector)))
-            merged = combine(base, vectors, [args.merge_alpha] * len(vectors))
-            task_model = combine(base, [vectors[t]], [1.0])
-            result = loss_barrier(task, merged, task_model, gammas=gammas)
-            results[label] = result
+    results: list[dict] = [{} for _ in tasks]  # per task: family -> result
+    for label, vectors in families.items():
+        # The tasks share the analysed weights (the vectors are aligned to tasks[0].model): one merge per family.
+        base = current_weights(tasks[0].model, list(dict.fromkeys(name for vector in vectors for name in vector)))
+        merged = combine(base, vectors, [args.merge_alpha] * len(vectors))
+        for t, task in enumerate(tasks):
+            result = loss_barrier(task, merged, combine(base, [vectors[t]], [1.0]), gammas=gammas)
+            results[t][label] = result
             outputs.table("barrier", f"barrier_{label}_{task.name}", result,
                           {f"{label}/{task.name}/barrier": result.summary["barrier"]})  # fmt: skip
-        outputs.figure("barrier", plot_loss_barrier(results, outputs.folder / f"barrier_{task.name}.png"))
+    for task, by_family in zip(tasks, results):
+        outputs.figure("barrier", plot_loss_barrier(by_family, outputs.folder / f"barrier_{task.name}.png"))
 
 
 def run_hessian(args, outputs: Outputs, tasks: list[AnalysisTask], families: dict) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ class DataArguments:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, fields: Collection[str]) -> dict[str, Any]:
+    """The values a YAML config file sets: a mapping whose keys must be among `fields` (an empty file sets none).
+    Also reads `recipes/noise_sweep.py`'s config files."""
     try:
         values = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -178,6 +181,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of field names to values.")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"Config file {path} sets unknown field(s): {unknown}.")
     return values
 
 
@@ -209,11 +215,7 @@ def parse_args(
     del defaults["config"]
     file_values = {}
     for config_file in known.config:
-        values = _read_config_file(config_file)
-        unknown = sorted(set(values) - set(defaults))
-        if unknown:
-            raise ValueError(f"Config file {config_file} sets unknown field(s): {', '.join(unknown)}.")
-        file_values |= values
+        file_values |= read_config_file(config_file, defaults)
     # The file's values become the parser's defaults, so any flag given on the command line wins over them.
     parser.set_defaults(**file_values)
     for action in parser._actions:
@@ -246,11 +248,15 @@ def _fill_output_dir(template: str, **fields: str) -> str:
         ) from None
 
 
+def public_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved configuration without secrets (`*_token` fields): what `finetune_config.yaml` records."""
+    return {name: value for name, value in resolved.items() if not name.endswith("_token")}
+
+
 def write_resolved_config(resolved: dict[str, Any], output_dir: Path) -> None:
-    """Write the resolved configuration as YAML, leaving out secrets (`*_token` fields)."""
-    public = {name: value for name, value in resolved.items() if not name.endswith("_token")}
+    """Write the resolved configuration as YAML, leaving out secrets (`public_config`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(public, sort_keys=True))
+    (output_dir / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(public_config(resolved), sort_keys=True))
 
 
 def _limit(splits: DatasetDict, data_args: DataArguments) -> DatasetDict:

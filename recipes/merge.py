@@ -11,7 +11,7 @@ config and processor files, the recipe as run (`merge_config.yaml`, Hub revision
 
 import argparse
 
-from saft_hf.merging import MergeConfig, merge
+from saft_hf.cli import run_merge
 
 
 def parse_args(argv=None):
@@ -25,12 +25,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = MergeConfig.from_yaml(args.config)
-    if args.output_dir is not None:
-        config = config.replace(output_dir=args.output_dir)
-    if args.push_to_hub is not None:
-        config = config.replace(push_to_hub={"repo_id": args.push_to_hub, "private": args.private})
-    output_dir = merge(config)
+    output_dir = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub, private=args.private)
     print(f"Merged model written to {output_dir}")
 
 

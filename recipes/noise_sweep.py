@@ -72,7 +72,7 @@ from saft_hf.analysis import (
     plot_merge_gain_vs_noise,
     task_arithmetic_gain,
 )
-from saft_hf.analysis.results import write_atomically
+from saft_hf.checkpoints import write_atomically
 from saft_hf.data import get_task
 
 RUN_COMPLETE_FILE = "noise_sweep_run.json"
@@ -190,15 +190,7 @@ def parse_args(argv: list[str] | None = None) -> NoiseSweepArguments:
 
 
 def _read_sweep_config(path: Path) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"Cannot read the sweep config {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"Sweep config {path} must hold a mapping of field names to values.")
-    unknown = sorted(set(values) - set(NoiseSweepArguments.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"Sweep config {path} sets unknown field(s): {unknown}.")
+    values = finetune.read_config_file(path, NoiseSweepArguments.__dataclass_fields__)
     if values.get("finetune_configs"):
         values["finetune_configs"] = [str(path.parent / config) for config in values["finetune_configs"]]
     return values
@@ -303,7 +295,7 @@ def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, state: Parti
     """Fine-tune `run` unless its folder holds a finished run of the same configuration; True if it trained."""
     argv = finetune_argv(args, run, batch)
     _, _, _, resolved = finetune.parse_args(argv)
-    requested = {name: value for name, value in resolved.items() if not name.endswith("_token")}
+    requested = finetune.public_config(resolved)
     if (run.folder / RUN_COMPLETE_FILE).is_file():
         recorded = yaml.safe_load((run.folder / finetune.RESOLVED_CONFIG_FILE).read_text())
         differences = _differences(recorded, requested)

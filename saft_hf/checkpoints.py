@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -267,10 +268,13 @@ class ShardedSafetensorsWriter:
         self._specs = list(specs)
         limit = parse_size(max_shard_size)
         shards: list[list[TensorSpec]] = [[]]
+        filled = 0  # bytes in the last shard
         for spec in self._specs:
-            if shards[-1] and sum(s.nbytes for s in shards[-1]) + spec.nbytes > limit:
+            if shards[-1] and filled + spec.nbytes > limit:
                 shards.append([])
+                filled = 0
             shards[-1].append(spec)
+            filled += spec.nbytes
         count = len(shards)
         names = [f"{prefix}.safetensors"] if count == 1 else [
             f"{prefix}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)
@@ -617,3 +621,18 @@ def align_models(base: ModelWeights, other: ModelWeights, *, other_label: str) -
                            required=required)  # fmt: skip
     check_shapes(base.tensors, other.tensors, alignment.mapping, other_label=other_label)
     return alignment
+
+
+def write_atomically(path: str | os.PathLike, write: Any, *, binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path`` and rename it to ``path`` when it succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        text_options = {} if binary else {"newline": "", "encoding": "utf-8"}
+        with os.fdopen(handle, "wb" if binary else "w", **text_options) as f:
+            write(f)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path

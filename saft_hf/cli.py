@@ -51,16 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_merge(args: argparse.Namespace) -> Path:
+def run_merge(config: str | Path, *, output_dir: str | None = None, push_to_hub: str | None = None,
+              private: bool = False, progress: bool = True) -> Path:  # fmt: skip
+    """Merge as the YAML recipe ``config`` says, with the command line's overrides of its output."""
     from .merging import MergeConfig, merge
 
-    config = MergeConfig.from_yaml(args.config)
     changes = {}
-    if args.output_dir:
-        changes["output_dir"] = args.output_dir
-    if args.push_to_hub:
-        changes["push_to_hub"] = {"repo_id": args.push_to_hub, "private": args.private}
-    return merge(config.replace(**changes), progress=not args.no_progress)
+    if output_dir:
+        changes["output_dir"] = output_dir
+    if push_to_hub:
+        changes["push_to_hub"] = {"repo_id": push_to_hub, "private": private}
+    return merge(MergeConfig.from_yaml(config).replace(**changes), progress=progress)
 
 
 def run_task_vector(args: argparse.Namespace) -> Path:
@@ -84,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        folder = run_merge(args) if args.command == "merge" else run_task_vector(args)
+        if args.command == "merge":
+            folder = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub,
+                               private=args.private, progress=not args.no_progress)  # fmt: skip
+        else:
+            folder = run_task_vector(args)
     except _USER_ERRORS as error:
         parser.exit(1, f"saft-hf: error: {error}\n")
     print(folder)

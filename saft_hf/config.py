@@ -97,3 +97,7 @@ class SAFTConfig(TrainingArguments):
     def sam_enabled(self) -> bool:
         """Whether training steps run the two-pass sharpness-aware step at all."""
         return self.sam_mode != "none"
+
+    def sam_perturbs_step(self, global_step: int) -> bool:
+        """Whether the optimizer step `global_step` (0-based) is a perturbed (two-pass) one."""
+        return self.sam_enabled and global_step % self.sam_interval == 0

@@ -24,7 +24,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-from safetensors import safe_open
 
 __all__ = [
     "PickleWeightsError",
@@ -38,7 +37,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
-TASK_VECTOR_FORMAT = "saft_hf.task_vector"
 # What loading, merging and re-saving a model needs: configs, safetensors weights and their index, tokenizer and
 # processor files (tokenizer.json, *.model for SentencePiece, vocab/merges *.txt, chat templates).
 NEEDED_FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
@@ -147,16 +145,6 @@ def fetch_config(ref: str, revision: str | None = None, token: str | bool | None
         raise ValueError(f"{CONFIG_NAME} of {_describe(repo_id, revision)} is not valid JSON: {error}") from error
 
 
-def _is_local_task_vector(ref: str) -> bool:
-    """A saved task vector folder: no config of its own, its safetensors metadata says what it applies to."""
-    folder = Path(ref).expanduser()
-    weights = next(iter(sorted(folder.glob("*.safetensors"))), None) if folder.is_dir() else None
-    if weights is None or (folder / CONFIG_NAME).exists():
-        return False
-    with safe_open(weights, framework="pt") as reader:  # reads the header only
-        return (reader.metadata() or {}).get("format") == TASK_VECTOR_FORMAT
-
-
 def _architecture_view(config: dict, model_type: str | None) -> dict | None:
     """The part of `config` describing a `model_type` model: the config itself or one of its sub-configs.
 
@@ -233,9 +221,11 @@ def check_same_architecture(
             f"revisions has {len(revisions)} entries; expected {len(others)} (one per input) or {len(refs)} "
             "(base first)."
         )
+    from .task_vectors import is_task_vector_folder
+
     base_config = fetch_config(base, revisions[0], token=token)
     for ref, revision in zip(others, revisions[1:]):
-        if is_local(ref) and _is_local_task_vector(ref):
+        if is_local(ref) and is_task_vector_folder(Path(ref).expanduser()):
             continue
         difference = _architecture_difference(base_config, fetch_config(ref, revision, token=token))
         if difference is not None:

@@ -25,9 +25,9 @@ import torch
 from .checkpoints import (
     CheckpointReader,
     ComputedStateDict,
+    KeyAlignment,
     LazyStateDict,
     ModelWeights,
-    NameMap,
     ShardedSafetensorsWriter,
     TensorSpec,
     align_models,
@@ -265,10 +265,10 @@ class TaskVector(LazyStateDict):
         """
         target = open_model_weights(base, revision, allow_pickle=allow_pickle, token=token)
         label = f"base {target.label}"
-        name_map = self.name_map_for(target.tensors, label=label)
-        self.check_base(target.tensors, label=label, name_map=name_map, allow_other_base=allow_other_base)
-        in_vector = {name_map.to_base(name): name for name in self}
-        in_vector.update({name_map.to_base(alias): self_name for alias, self_name in self.tied_weights.items()})
+        alignment = self.alignment_with(target.tensors, label=label)
+        self.check_base(target.tensors, label=label, alignment=alignment, allow_other_base=allow_other_base)
+        in_vector = {**alignment.mapping, **{tie: alignment.mapping.get(source)
+                                             for tie, source in alignment.base_ties.items()}}  # fmt: skip
         shared = shared_storage_aliases(target.tensors)
         result, updated = {}, {}
         for name, original in target.tensors.items():
@@ -281,8 +281,10 @@ class TaskVector(LazyStateDict):
             result[name] = updated[source]
         return result
 
-    def name_map_for(self, base: Mapping[str, torch.Tensor], *, label: str) -> NameMap:
-        """How ``base`` names this vector's tensors; raises naming a tensor it lacks or has with another shape."""
+    def alignment_with(self, base: Mapping[str, torch.Tensor], *, label: str) -> KeyAlignment:
+        """How ``base`` names this vector's tensors (``mapping``: base name -> name in the vector; ``base_ties``: a
+        tied base name -> its base name in ``mapping``); raises naming a tensor ``base`` lacks or has with another
+        shape."""
         name_map = find_name_map(float_names(base), list(self))
         mapping = {}
         for name in self:
@@ -291,15 +293,18 @@ class TaskVector(LazyStateDict):
                 raise ValueError(f"{label}: has no tensor {name!r}, which the task vector has")
             mapping[base_name] = name
         check_shapes(base, self, mapping, other_label="task vector")
-        return name_map
+        ties = {name_map.to_base(alias): name_map.to_base(name) for alias, name in self.tied_weights.items()}
+        return KeyAlignment(mapping, ties)
 
-    def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, name_map: NameMap = NameMap(),
+    def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, alignment: KeyAlignment | None = None,
                    allow_other_base: bool = False) -> None:  # fmt: skip
-        """Raise unless ``base`` has the fingerprint this vector was computed against (or ``allow_other_base``)."""
+        """Raise unless ``base`` has the fingerprint this vector was computed against (or ``allow_other_base``);
+        ``alignment`` (from :meth:`alignment_with`) says how ``base`` names the vector's tensors (default: as is)."""
         expected = self.metadata.get("base_fingerprint")
         if not expected or allow_other_base:
             return
-        actual = base_fingerprint(base, [name_map.to_base(name) for name in sorted(self)])
+        to_base = {name: base_name for base_name, name in alignment.mapping.items()} if alignment is not None else {}
+        actual = base_fingerprint(base, [to_base.get(name, name) for name in sorted(self)])
         if actual != expected:
             raise ValueError(
                 f"{label}: weights differ from the base this task vector was computed from "

@@ -96,11 +96,8 @@ class SAFTTrainer(Trainer):
                 "{'sync_each_batch': True}}` in SAFTConfig, or use gradient_accumulation_steps=1."
             )
 
-    def _perturbs_this_step(self) -> bool:
-        return self.args.sam_enabled and self.state.global_step % self.args.sam_interval == 0
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self._perturbs_this_step():
+        if not self.args.sam_perturbs_step(self.state.global_step):
             return super().training_step(model, inputs, num_items_in_batch)
 
         trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
@@ -123,9 +120,7 @@ class SAFTTrainer(Trainer):
             for (_, param), saved in zip(perturbed, saved_weights):
                 saved.copy_(local_tensor(param))
                 param.add_(param.grad)
-        for _, param in perturbed:
-            param.grad = None
-        for (_, param), grad in zip(trainable, accumulated):
+        for (_, param), grad in zip(trainable, accumulated):  # replaces `e` (perturbed is a subset of trainable)
             param.grad = grad
         del accumulated
 

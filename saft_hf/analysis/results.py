@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +17,7 @@ from typing import Any
 
 import numpy as np
 
-
-def write_atomically(path: str | os.PathLike, write: Any, *, binary: bool = False) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path`` and rename it to ``path`` when it succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        text_options = {} if binary else {"newline": "", "encoding": "utf-8"}
-        with os.fdopen(handle, "wb" if binary else "w", **text_options) as f:
-            write(f)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return path
+from ..checkpoints import write_atomically
 
 
 def _plain(value: Any) -> Any:

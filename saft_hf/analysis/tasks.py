@@ -83,9 +83,10 @@ def text_to_text_task(
     The loss of an example is its mean token cross-entropy; a prediction is the index of the label word greedy
     generation produces (-1 when it is none), as :func:`saft_hf.models.predict_label_words` scores it.
     """
+    from ..evaluation import label_word_max_new_tokens
     from ..models.t5 import match_label_words
 
-    max_new_tokens = max(len(ids) for ids in tokenizer(text_target=list(label_words))["input_ids"])
+    max_new_tokens = label_word_max_new_tokens(tokenizer, label_words)
 
     def forward(module: nn.Module, batch: Batch) -> Any:
         return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])

@@ -10,9 +10,8 @@ from typing import Any
 
 import yaml
 
+from ..config import SAM_MODES
 from ..merging import get_method
-
-SAM_MODES = ("none", "sam", "asam")
 
 
 @dataclass

@@ -25,7 +25,8 @@ from transformers import CLIPModel, Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..checkpoints import atomic_output_dir
-from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, load_digits_splits, make_digits_task, register_task
+from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_splits, make_digits_task, register_task
+from ..evaluation import classification_metrics
 from ..testing import build_tiny_clip
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
         return output_dir
     register_demo_tasks()
-    from ..data import get_task
-
     task = get_task(PRETRAINING_TASK)
     clip, tokenizer, processor = build_tiny_clip(seed)
     prompts = [template.format(name) for name in task.class_names for template in task.templates]
@@ -130,7 +129,7 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
         )  # fmt: skip
         set_seed(seed)
         trainer = Trainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                          compute_metrics=_accuracy)  # fmt: skip
+                          compute_metrics=classification_metrics)  # fmt: skip
         trainer.train()
         metrics = trainer.evaluate()
         logger.info("pre-training: validation accuracy %.4f", metrics["eval_accuracy"])
@@ -139,7 +138,3 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
         (staging / PRETRAINING_RECORD).write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
         shutil.rmtree(staging / "trainer")
     return output_dir
-
-
-def _accuracy(prediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}

@@ -30,6 +30,7 @@ import torch
 import yaml
 from datasets import DatasetDict
 
+from ..checkpoints import write_atomically
 from ..data import Task, TextToTextTask, get_task
 from ..evaluation import evaluate_model, label_word_max_new_tokens, load_processor, load_text_to_text
 from ..merging import get_method, merge, search_coefficients, task_accuracy_evaluator
@@ -189,10 +190,8 @@ class Scorer:
         return lambda state_dict: sum(evaluate(state_dict) for evaluate in evaluators) / len(evaluators)
 
     def _save(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.cache_path.with_name(f".{self.cache_path.name}.partial")
-        partial.write_text(json.dumps(self.cache, indent=1, sort_keys=True))
-        partial.replace(self.cache_path)
+        text = json.dumps(self.cache, indent=1, sort_keys=True)
+        write_atomically(self.cache_path, lambda f: f.write(text))
 
 
 def _label_words(task: str) -> tuple[str, ...]:

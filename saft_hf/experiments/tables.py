@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checkpoints import write_atomically
+
 FINETUNED = "fine-tuned"  # the `method` of each task's own fine-tuned model: the normalizer
 PRETRAINED = "pre-trained"  # the common starting point, scored zero-shot
 
@@ -101,11 +103,7 @@ def write_table(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix, text in ((".md", to_markdown(rows, title)), (".csv", to_csv(rows))):
-        path = folder / f"{stem}{suffix}"
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        partial.replace(path)
-        paths.append(path)
+        paths.append(write_atomically(folder / f"{stem}{suffix}", lambda f, text=text: f.write(text)))
     return paths[0], paths[1]
 
 
@@ -114,16 +112,11 @@ def scores_to_records(scores: Sequence[Score]) -> list[dict[str, object]]:
     return [asdict(score) | {"normalized_accuracy": n} for score, n in zip(scores, normalized_accuracy(scores))]
 
 
-def scores_from_records(records: Sequence[Mapping[str, object]]) -> list[Score]:
-    return [Score(**{k: v for k, v in record.items() if k != "normalized_accuracy"}) for record in records]
-
-
 __all__ = [
     "FINETUNED",
     "PRETRAINED",
     "Score",
     "normalized_accuracy",
-    "scores_from_records",
     "scores_to_records",
     "summary_rows",
     "to_csv",

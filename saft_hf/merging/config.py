@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ class MergeConfig:
         get_method(self.method).resolve_parameters(entry.parameters, where=f"{where}.parameters")
         return entry
 
-    def parameters_for(self, tensor_name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def parameters_for(self, tensor_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Validated method parameters for one tensor: defaults, then ``parameters`` (updated by ``overrides``, as
         in a coefficient search), then the first matching ``tensor_parameters`` entry."""
         method = get_method(self.method)

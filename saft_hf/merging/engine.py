@@ -12,7 +12,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,24 @@ class _Input:
     weights: ModelWeights
     alignment: KeyAlignment
     task_vector: TaskVector | None = None  # set when the input is a saved task vector (a delta, not weights)
+
+
+class _FinetunedTensors(Sequence[torch.Tensor]):
+    """The inputs' tensors for one base name, each read when the method reaches it (a task vector's ``base +
+    delta`` computed in float64 then), so a method looping over the models holds one of them at a time."""
+
+    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor):
+        self._inputs, self._name, self._base = inputs, name, base_tensor
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self._inputs[index]
+        tensor = item.weights.tensors[item.alignment.mapping[self._name]]
+        if item.task_vector is not None:
+            return self._base.to(torch.float64, copy=True).add_(tensor.double())
+        return tensor
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -101,12 +119,10 @@ class MergePlan:
         folder = hub.resolve_model(spec.model, spec.revision, token=self.token)
         vector = TaskVector.load(folder)
         weights = ModelWeights(vector, spec.model, hub.resolved_revision(spec.model, spec.revision, self.token), folder)
-        name_map = vector.name_map_for(self.base.tensors, label=f"base for {label}")
-        vector.check_base(self.base.tensors, label=f"{label}: its base", name_map=name_map,
+        alignment = vector.alignment_with(self.base.tensors, label=f"base for {label}")
+        vector.check_base(self.base.tensors, label=f"{label}: its base", alignment=alignment,
                           allow_other_base=self.config.allow_other_base)  # fmt: skip
-        mapping = {name_map.to_base(name): name for name in vector}
-        ties = {name_map.to_base(alias): name_map.to_base(name) for alias, name in vector.tied_weights.items()}
-        return _Input(label, weights, KeyAlignment(mapping, ties), vector)
+        return _Input(label, weights, alignment, vector)
 
     def _common_coverage(self) -> set[str]:
         """Base tensors every input provides; inputs must agree on which those are."""
@@ -126,17 +142,11 @@ class MergePlan:
             return getattr(torch, self.config.dtype)
         return dtype
 
-    def _finetuned(self, item: _Input, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
-        tensor = item.weights.tensors[item.alignment.mapping[name]]
-        if item.task_vector is not None:
-            return base_tensor.to(torch.float64, copy=True).add_(tensor.double())
-        return tensor
-
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
         base_tensor = self.base.tensors[name]
-        finetuned = [self._finetuned(item, name, base_tensor) for item in self.inputs]
-        parameters = self.config.parameters_for(name, dict(overrides or {}))
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor)
+        parameters = self.config.parameters_for(name, overrides)
         if self.method.seeded:
             parameters["seed"] = tensor_seed(parameters["seed"], name)
         merged = self.method.function(base_tensor, finetuned, self.weights, **parameters)

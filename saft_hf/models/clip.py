@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers import AutoTokenizer, CLIPModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import cached_file
+
+from ..checkpoints import write_atomically
 
 HEAD_FILE = "zero_shot_head.safetensors"
 _HEAD_TENSORS = ("visual_projection", "class_embeddings", "logit_scale")
@@ -61,14 +62,7 @@ class ZeroShotHead:
         """Write the head to the safetensors file `path` (atomically: a failed write leaves no partial file)."""
         tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in _HEAD_TENSORS}
         metadata = {"class_names": json.dumps(list(self.class_names)), "templates": json.dumps(list(self.templates))}
-        path = Path(path)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_file(tensors, tmp_path, metadata=metadata)
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        write_atomically(path, lambda f: f.write(save(tensors, metadata=metadata)), binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ZeroShotHead:
