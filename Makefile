@@ -1,12 +1,13 @@
 # Two entry points, each self-installing into a virtual environment:
 #   make demo   -- the embedded offline demo (tiny models, real digits data, CPU)
-#   make test   -- the whole test suite
+#   make test   -- the whole test suite (what CI runs)
+#   make test-fast -- the suite without tests marked slow, for the edit-run loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 
 install: $(STAMP)
 
@@ -23,3 +24,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -x -p no:cacheprovider
+
+test-fast: $(STAMP)
+	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -x -p no:cacheprovider -m "not slow"
