@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", help="Module names for cross-task linearity (default: all blocks).")
     parser.add_argument("--barrier-points", type=int, default=11, help="Points on the merged -> task model line.")
     parser.add_argument("--hessian-gammas", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--hessian-iterations", type=int, default=20, help="Power-iteration steps at most.")
+    parser.add_argument("--hessian-iterations", type=int, default=20,
+                        help="Lanczos restarts at most for lambda_max (each ~15 Hessian-vector products).")  # fmt: skip
     args = parser.parse_args(argv)
     families = {}
     if args.finetuned:

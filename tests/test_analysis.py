@@ -29,7 +29,6 @@ from saft_hf.analysis import (
     combine,
     cross_task_linearity,
     disentanglement_error,
-    dominant_hessian_eigenvalue,
     effective_noise_scale,
     hessian_eigenvalues_along_line,
     joint_loss_landscape,
@@ -425,62 +424,6 @@ def test_task_arithmetic_gain_matches_hand_computation():
     np.testing.assert_allclose(result.series["accuracy_single"], [1.0, 1.0])
     np.testing.assert_allclose(result.series["accuracy_merged"], [0.75, 0.75])
     assert result.summary["mean_gain"] == pytest.approx(-0.25)
-
-
-# ---- Hessian -----------------------------------------------------------------------------------------------------
-
-
-def test_dominant_eigenvalue_of_a_quadratic_is_the_top_eigenvalue_of_its_matrix():
-    generator = torch.Generator().manual_seed(4)
-    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
-    matrix = q @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)) @ q.T
-
-    class Quadratic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(5, generator=generator, dtype=torch.float64))
-
-        def forward(self, c):
-            return 0.5 * self.w @ matrix @ self.w + 0 * c
-
-    model = Quadratic()
-    task = loss_task("q", model, {"c": torch.zeros(2, dtype=torch.float64)}, {"c": torch.zeros(3, dtype=torch.float64)})
-    estimate = dominant_hessian_eigenvalue(task, {"w": model.w.detach()}, max_iterations=200, tolerance=1e-12)
-    assert estimate.converged and estimate.eigenvalue == pytest.approx(4.0, rel=1e-9)
-    # The Hessian of a quadratic is the same everywhere on the line theta_0 + g tau.
-    line = hessian_eigenvalues_along_line(task, {"w": torch.ones(5, dtype=torch.float64)}, gammas=(0.0, 0.5, 1.0),
-                                          max_iterations=200, tolerance=1e-12)  # fmt: skip
-    np.testing.assert_allclose(line.series["eigenvalue"], 4.0, rtol=1e-9)
-
-
-def test_dominant_eigenvalue_of_a_tiny_mlp_matches_the_full_hessian():
-    torch.manual_seed(1)  # |lambda_2 / lambda_1| = 0.62 for this draw: power iteration converges in ~30 steps
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x = torch.randn(10, 3, dtype=torch.float64)
-    labels = torch.randint(0, 3, (10,))
-    task = AnalysisTask(
-        name="mlp",
-        model=model,
-        batches=batches_of({"x": x[:4], "labels": labels[:4]}, {"x": x[4:], "labels": labels[4:]}),
-        forward=lambda m, b: m(b["x"]),
-        loss=lambda m, b: F.cross_entropy(m(b["x"]), b["labels"], reduction="none"),
-        predict=lambda m, b: m(b["x"]).argmax(-1),
-    )
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    shapes = {name: p.shape for name, p in weights.items()}
-    flat = torch.cat([p.reshape(-1) for p in weights.values()])
-
-    def loss_of(vector):
-        params, offset = {}, 0
-        for name, shape in shapes.items():
-            params[name] = vector[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), labels)
-
-    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
-    expected = eigenvalues[eigenvalues.abs().argmax()].item()
-    estimate = dominant_hessian_eigenvalue(task, weights, max_iterations=200, tolerance=1e-12)
-    assert estimate.converged and estimate.eigenvalue == pytest.approx(expected, rel=1e-6)
 
 
 # ---- effective noise scale ---------------------------------------------------------------------------------------
