@@ -36,6 +36,7 @@ from saft_hf.analysis import (
     logged_noise_scale,
     loss_barrier,
     mean_loss,
+    optimizer_momentum,
     plot_grid,
     plot_hessian_eigenvalues,
     plot_linearity,
@@ -521,6 +522,26 @@ def test_callback_uses_sgd_momentum(tmp_path):
     trainer.train()
     values = [entry[NOISE_SCALE_LOG_KEY] for entry in trainer.state.log_history if "loss" in entry]
     assert values == pytest.approx([0.1 / (4 * 0.25)] * 4)  # 0.1 / (4 (1 - 0.5)^2) = 0.1
+
+
+def test_adam_momentum_none_drops_beta1_but_not_sgd_momentum():
+    parameters = [nn.Parameter(torch.zeros(2))]
+    adamw = torch.optim.AdamW(parameters, betas=(0.8, 0.999))
+    sgd = torch.optim.SGD(parameters, lr=0.1, momentum=0.5)
+    assert optimizer_momentum(adamw) == pytest.approx(0.8)  # "beta1", saft_hf's default
+    assert optimizer_momentum(adamw, "none") == 0.0
+    assert optimizer_momentum(sgd, "none") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="adam_momentum must be one of beta1, none, got 'beta2'"):
+        EffectiveNoiseScaleCallback(adam_momentum="beta2")
+
+
+def test_callback_with_adam_momentum_none_logs_lr_over_batch_for_adamw(tmp_path):
+    trainer = _trainer(tmp_path, learning_rate=0.2, per_device_train_batch_size=4, adam_beta1=0.8,
+                       lr_scheduler_type="constant")  # fmt: skip
+    add_noise_scale_logging(trainer, adam_momentum="none")
+    trainer.train()
+    values = [entry[NOISE_SCALE_LOG_KEY] for entry in trainer.state.log_history if "loss" in entry]
+    assert values == pytest.approx([0.2 / 4] * 4)  # beta1 = 0.8 would give 0.2 / (4 * 0.2^2) = 1.25
 
 
 def test_logged_noise_scale_explains_a_run_without_the_callback(tmp_path):

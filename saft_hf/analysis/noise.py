@@ -10,9 +10,10 @@ Merging success is a non-monotonic function of it. :func:`effective_noise_scale`
 ``S_eff`` when a gradient-noise trace is supplied (estimating the trace is left to the caller: it needs per-example
 gradients, which this module does not compute).
 
-For Adam-family optimizers the momentum is ``beta1``, the decay rate of the first-moment average that plays the
-role of SGD's heavy-ball momentum; the adaptive second-moment scaling is not part of the formula (the paper uses the
-same proxy for its AdamW runs).
+The paper derives the proxy for SGD with heavy-ball momentum and does not say which ``mu`` it uses for its AdamW
+runs. For Adam-family optimizers the choice is explicit here (``adam_momentum``): ``"beta1"``, saft_hf's default,
+takes ``mu = beta1``, the decay rate of the first-moment average that plays the role of SGD's momentum; ``"none"``
+takes ``mu = 0``, the plain ``eta / B``. Either way the adaptive second-moment scaling is not part of the formula.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 NOISE_SCALE_LOG_KEY = "noise/effective_scale"
+ADAM_MOMENTUM_CHOICES = ("beta1", "none")
 
 
 def effective_noise_scale(
@@ -47,11 +49,19 @@ def effective_noise_scale(
     return scale
 
 
-def optimizer_momentum(optimizer: torch.optim.Optimizer) -> float:
-    """The momentum the formula uses: ``betas[0]`` (Adam, AdamW, ...), else ``momentum`` (SGD, RMSprop), else 0."""
+def _check_adam_momentum(adam_momentum: str) -> None:
+    if adam_momentum not in ADAM_MOMENTUM_CHOICES:
+        choices = ", ".join(ADAM_MOMENTUM_CHOICES)
+        raise ValueError(f"adam_momentum must be one of {choices}, got {adam_momentum!r}.")
+
+
+def optimizer_momentum(optimizer: torch.optim.Optimizer, adam_momentum: str = "beta1") -> float:
+    """The momentum the formula uses: for Adam-family optimizers (``betas``) ``betas[0]`` if ``adam_momentum`` is
+    ``"beta1"`` (saft_hf's choice, the default) or 0 if it is ``"none"``; else ``momentum`` (SGD, RMSprop), else 0."""
+    _check_adam_momentum(adam_momentum)
     group = optimizer.param_groups[0]
     if "betas" in group:
-        return float(group["betas"][0])
+        return float(group["betas"][0]) if adam_momentum == "beta1" else 0.0
     return float(group.get("momentum", 0.0))
 
 
@@ -60,12 +70,15 @@ class EffectiveNoiseScaleCallback(TrainerCallback):
 
     ``eta`` is the logged ``learning_rate`` (the scheduler's current value; the optimizer's when a log lacks it),
     ``B`` the samples per optimizer step, ``per-device batch x gradient accumulation x world size``, and the
-    momentum is read from the optimizer (:func:`optimizer_momentum`). Reporting integrations (TensorBoard, W&B, ...)
-    see the value only if this callback runs before them: use :func:`add_noise_scale_logging`.
+    momentum is read from the optimizer (:func:`optimizer_momentum`; ``adam_momentum`` picks ``beta1``, the default,
+    or 0 for Adam-family optimizers). Reporting integrations (TensorBoard, W&B, ...) see the value only if this
+    callback runs before them: use :func:`add_noise_scale_logging`.
     """
 
-    def __init__(self, gradient_noise_trace: float | None = None):
+    def __init__(self, gradient_noise_trace: float | None = None, adam_momentum: str = "beta1"):
+        _check_adam_momentum(adam_momentum)  # at construction, not at the first log of a long run
         self.gradient_noise_trace = gradient_noise_trace
+        self.adam_momentum = adam_momentum
 
     def on_log(
         self,
@@ -82,9 +95,8 @@ class EffectiveNoiseScaleCallback(TrainerCallback):
         learning_rate = logs.get("learning_rate", optimizer.param_groups[0]["lr"])
         per_device = state.train_batch_size or args.train_batch_size
         batch_size = per_device * args.gradient_accumulation_steps * args.world_size
-        scale = effective_noise_scale(
-            float(learning_rate), batch_size, optimizer_momentum(optimizer), self.gradient_noise_trace
-        )
+        momentum = optimizer_momentum(optimizer, self.adam_momentum)
+        scale = effective_noise_scale(float(learning_rate), batch_size, momentum, self.gradient_noise_trace)
         logs[NOISE_SCALE_LOG_KEY] = scale
         # The Trainer appended its copy of these logs to the history just before calling the callbacks.
         latest = state.log_history[-1] if state.log_history else {}
@@ -92,10 +104,12 @@ class EffectiveNoiseScaleCallback(TrainerCallback):
             latest[NOISE_SCALE_LOG_KEY] = scale
 
 
-def add_noise_scale_logging(trainer: Any, gradient_noise_trace: float | None = None) -> EffectiveNoiseScaleCallback:
+def add_noise_scale_logging(
+    trainer: Any, gradient_noise_trace: float | None = None, adam_momentum: str = "beta1"
+) -> EffectiveNoiseScaleCallback:
     """Put an :class:`EffectiveNoiseScaleCallback` first in ``trainer``'s callbacks, so that every reporting
     integration logs the value too; returns it."""
-    callback = EffectiveNoiseScaleCallback(gradient_noise_trace)
+    callback = EffectiveNoiseScaleCallback(gradient_noise_trace, adam_momentum)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 
