@@ -8,9 +8,12 @@ the CLIP zero-shot classifier, Flan-T5, or a tiny test module. Results save as C
 from .disentanglement import disentanglement_error
 from .hessian import (
     EigenvalueEstimate,
+    TraceEstimate,
     dominant_hessian_eigenvalue,
     hessian_eigenvalues_along_line,
+    hessian_trace,
     hessian_vector_product,
+    top_hessian_eigenvalues,
 )
 from .landscape import joint_loss_landscape, linear_interpolation, loss_barrier, task_arithmetic_gain
 from .linearity import block_names, cross_task_linearity
@@ -40,6 +43,7 @@ __all__ = [
     "CurveResult",
     "EffectiveNoiseScaleCallback",
     "EigenvalueEstimate",
+    "TraceEstimate",
     "GridResult",
     "accuracy",
     "add_noise_scale_logging",
@@ -55,6 +59,7 @@ __all__ = [
     "dominant_hessian_eigenvalue",
     "effective_noise_scale",
     "hessian_eigenvalues_along_line",
+    "hessian_trace",
     "hessian_vector_product",
     "joint_loss_landscape",
     "linear_interpolation",
@@ -71,4 +76,5 @@ __all__ = [
     "predictions",
     "task_arithmetic_gain",
     "text_to_text_task",
+    "top_hessian_eigenvalues",
 ]
