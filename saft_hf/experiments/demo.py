@@ -119,7 +119,7 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     tokens = tokenizer(prompts, padding=True, return_tensors="pt")
     model = ZeroShotPretraining(clip.train(), tokens["input_ids"], tokens["attention_mask"], len(task.class_names))
     splits = task.prepare(task.load(), processor)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, kind="pretrained_model") as staging:
         args = TrainingArguments(
             output_dir=str(staging / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=256, learning_rate=learning_rate, weight_decay=0.1, lr_scheduler_type="cosine",
