@@ -1,8 +1,9 @@
 """Reading and writing checkpoint folders one tensor at a time.
 
 Shared by task vectors and the merge engine: a lazy, memory-mapped reader for (sharded) safetensors folders, a
-sharded writer that produces the standard ``*.safetensors.index.json`` layout, atomic folder replacement, key
-alignment between a base model and another checkpoint (tied names, sub-model towers), and base fingerprints.
+sharded writer that produces the standard ``*.safetensors.index.json`` layout, atomic output folders (which replace
+only what saft_hf wrote and never an input), key alignment between a base model and another checkpoint (tied names,
+sub-model towers), and base fingerprints.
 """
 
 from __future__ import annotations

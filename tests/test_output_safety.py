@@ -37,7 +37,8 @@ def recipe(inputs, output_dir, alpha=0.5):
 
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes (byte-for-byte comparisons of whole folders)."""
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in files}
 
 
 def hidden_entries(parent: Path) -> list[str]:
@@ -54,6 +55,14 @@ def test_merge_into_one_of_its_task_vector_inputs_is_refused(family, tmp_path):
     with pytest.raises(UnsafeOutputError, match=r"^output_dir: \S+/tv is the folder of input models\[0\] \("):
         merge(recipe((base_dir, vector_dir, ft1), vector_dir), progress=False)
     assert tree(vector_dir) == before and hidden_entries(tmp_path) == []
+
+
+def test_local_inputs_are_checked_before_anything_is_downloaded(family, tmp_path):
+    base_dir, (ft0, _) = family
+    vector_dir = TaskVector.from_models(base_dir, ft0).save(tmp_path / "tv")
+    # The Hub is offline in the tests: reaching "org/never-fetched" would fail with a Hub error instead.
+    with pytest.raises(UnsafeOutputError, match=r"is the folder of input models\[1\] "):
+        merge(recipe((base_dir, "org/never-fetched", vector_dir), vector_dir), progress=False)
 
 
 def test_merged_folder_fed_back_as_input_is_not_replaced(family, tmp_path):
