@@ -277,9 +277,13 @@ def resolve_model(
         )
 
 
+# saft_hf's record of the files it wrote into an output folder (see saft_hf.checkpoints): local, never pushed.
+OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
+
+
 def _folder_files(folder: Path) -> list[str]:
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    return list(filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, OUTPUT_MANIFEST_NAME]))
 
 
 def push_folder(

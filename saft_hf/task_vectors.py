@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,18 @@ class TaskVector(LazyStateDict):
     """``fine_tuned - base`` per floating-point tensor, keyed by the base's tensor names.
 
     ``metadata`` holds the string fields written into the safetensors header (see ``METADATA_FIELDS``);
-    ``tied_weights`` maps base names that hold a tied copy of a tensor to the name the vector stores it under.
+    ``tied_weights`` maps base names that hold a tied copy of a tensor to the name the vector stores it under;
+    ``source_folders`` are ``(label, folder)`` of the local folders its tensors are read from, which :meth:`save`
+    never writes into.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 tied_weights: Mapping[str, str] | None = None):  # fmt: skip
+                 tied_weights: Mapping[str, str] | None = None,
+                 source_folders: Iterable[tuple[str, Path]] = ()):  # fmt: skip
         self._tensors = tensors
         self.metadata = {"format": TASK_VECTOR_FORMAT, **{k: _text(v) for k, v in (metadata or {}).items()}}
         self.tied_weights = dict(tied_weights or {})
+        self.source_folders = list(source_folders)
 
     # ---- mapping -------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -136,7 +140,7 @@ class TaskVector(LazyStateDict):
         )  # fmt: skip
         metadata = _metadata(base_weights, list(alignment.mapping), source=tuned.label, task=task,
                              finetune_mode=finetune_mode, sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
-        return cls(tensors, metadata, alignment.base_ties)
+        return cls(tensors, metadata, alignment.base_ties, _folders(("base", base_weights), ("finetuned", tuned)))
 
     @classmethod
     def from_lora(cls, base: ModelLike, adapter: str | os.PathLike, *, base_revision: str | None = None,
@@ -151,10 +155,10 @@ class TaskVector(LazyStateDict):
         equals ``merge_and_unload() - base``. DoRA and other variants a weight delta cannot express are refused.
         """
         base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
-        tensors, source = _lora_deltas(base_weights, str(adapter), adapter_revision, allow_pickle, token)
+        tensors, source, folder = _lora_deltas(base_weights, str(adapter), adapter_revision, allow_pickle, token)
         metadata = _metadata(base_weights, list(tensors), source=source, task=task, finetune_mode=finetune_mode,
                              sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
-        return cls(tensors, metadata)
+        return cls(tensors, metadata, source_folders=[*_folders(("base", base_weights)), (f"adapter {source}", folder)])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
@@ -165,7 +169,7 @@ class TaskVector(LazyStateDict):
                              f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
         tied = json.loads(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}")
         metadata = {k: v for k, v in reader.metadata.items() if k != TIED_WEIGHTS_FIELD}
-        return cls(reader, metadata, tied)
+        return cls(reader, metadata, tied, [(f"task vector {path}", Path(path))])
 
     # ---- saving --------------------------------------------------------------------------------------------
     def header_metadata(self) -> dict[str, str]:
@@ -176,10 +180,15 @@ class TaskVector(LazyStateDict):
 
     def save(self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB", progress: bool = False) -> Path:
         """Write ``task_vector.safetensors`` (or shards plus ``task_vector.safetensors.index.json``) into ``path``,
-        one tensor at a time. Atomic: the folder appears complete or not at all."""
+        one tensor at a time. Atomic: the folder appears complete or not at all.
+
+        Raises :class:`~saft_hf.errors.UnsafeOutputError` before writing when ``path`` is, contains or lies inside a
+        folder the vector is read from, or is a folder saft_hf may not replace (see
+        :func:`saft_hf.checkpoints.atomic_output_dir`)."""
         from tqdm.auto import tqdm
 
-        with atomic_output_dir(path) as staging:
+        output = atomic_output_dir(path, kind="task_vector", inputs=self.source_folders, field="task vector folder")
+        with output as staging:
             specs = [TensorSpec(name, self.shape(name), self.dtype(name)) for name in self]
             with ShardedSafetensorsWriter(staging, specs, prefix=TASK_VECTOR_WEIGHTS_NAME, max_shard_size=max_shard_size,
                                           metadata=self.header_metadata()) as writer:  # fmt: skip
@@ -231,7 +240,8 @@ class TaskVector(LazyStateDict):
                 metadata[key] = f"({a} {symbol} {b})"
             else:
                 metadata[key] = a if a == b or not b else (b if not a else "mixed")
-        return TaskVector(tensors, metadata, {**other.tied_weights, **self.tied_weights})
+        return TaskVector(tensors, metadata, {**other.tied_weights, **self.tied_weights},
+                          [*self.source_folders, *other.source_folders])
 
     def __add__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, torch.add, "+")
@@ -244,7 +254,7 @@ class TaskVector(LazyStateDict):
             return NotImplemented
         tensors = ComputedStateDict(list(self), lambda name: self[name] * scale, shape=self.shape, dtype=self.dtype)
         metadata = {**self.metadata, "task": f"{scale:g}*{self.task}", "source": f"{scale:g}*{self.metadata.get('source', '')}"}
-        return TaskVector(tensors, metadata, self.tied_weights)
+        return TaskVector(tensors, metadata, self.tied_weights, self.source_folders)
 
     __rmul__ = __mul__
 
@@ -317,6 +327,11 @@ def _float64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float64, copy=True)
 
 
+def _folders(*models: tuple[str, ModelWeights]) -> list[tuple[str, Path]]:
+    """``(label, folder)`` of the models read from a folder (in-memory ones have none)."""
+    return [(f"{role} {weights.label}", weights.folder) for role, weights in models if weights.folder is not None]
+
+
 def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, str]:
     return {
         "format": TASK_VECTOR_FORMAT,
@@ -349,8 +364,9 @@ _UNSUPPORTED_LORA_OPTIONS = ("use_dora", "lora_bias", "use_qalora", "alora_invoc
 
 
 def _lora_deltas(base: ModelWeights, adapter: str, revision: str | None, allow_pickle: bool,
-                 token: str | bool | None) -> tuple[ComputedStateDict, str]:  # fmt: skip
-    """Dense deltas of the adapter at ``adapter``, keyed by base tensor names, and a label for the adapter."""
+                 token: str | bool | None) -> tuple[ComputedStateDict, str, Path]:  # fmt: skip
+    """Dense deltas of the adapter at ``adapter``, keyed by base tensor names, a label for the adapter and its
+    folder."""
     from peft.utils.other import get_pattern_key
     from transformers.pytorch_utils import Conv1D
 
@@ -427,7 +443,7 @@ def _lora_deltas(base: ModelWeights, adapter: str, revision: str | None, allow_p
     tensors = ComputedStateDict(order, lambda name: plans[name](), shape=lambda name: tensor_shape(base.tensors, name),
                                 dtype=lambda name: tensor_dtype(base.tensors, name))  # fmt: skip
     revision_label = hub.resolved_revision(adapter, revision, token=token)
-    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}"
+    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}", folder
 
 
 def _submodule(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:

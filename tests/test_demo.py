@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from saft_hf.data import get_task, load_digits_splits
+from saft_hf.errors import UnsafeOutputError
 from saft_hf.evaluation import evaluate_model
 from saft_hf.experiments.demo import (
     DEMO_TASKS,
@@ -57,8 +58,9 @@ def test_pretraining_is_cached_and_its_model_reloads(tmp_path):
     assert pretrain_tiny_clip(folder, max_steps=3, batch_size=16) == folder
     assert weights.stat().st_mtime_ns == stamp
     # A different setting would silently reuse the wrong model; it refuses instead of overwriting.
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UnsafeOutputError, match="records other pre-training settings"):
         pretrain_tiny_clip(folder, max_steps=4, batch_size=16)
+    assert weights.stat().st_mtime_ns == stamp
     # The saved folder is a complete CLIPModel: it scores a task zero-shot like any Hub checkpoint.
     assert 0.0 <= evaluate_model(folder, "demo_parity", "test", max_samples=16, progress=False)["accuracy"] <= 1.0
     assert "text_model.embeddings.token_embedding.weight" in load_file(weights)

@@ -17,6 +17,8 @@ from transformers import CLIPModel, CLIPVisionModel
 
 from saft_hf.checkpoints import CheckpointReader, ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
+from saft_hf.errors import UnsafeOutputError
+from saft_hf.hub import _folder_files
 from saft_hf.merging import MergeConfig, get_method, merge, search_coefficients
 from saft_hf.merging.engine import tensor_seed
 from saft_hf.task_vectors import TaskVector
@@ -332,7 +334,7 @@ def test_failure_while_writing_keeps_the_previous_output(family, tmp_path, monke
 def test_existing_unrelated_folder_is_never_replaced(family, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a saft_hf output"):
+    with pytest.raises(UnsafeOutputError, match="was not written by saft_hf"):
         merge(recipe(family, tmp_path / "out"), progress=False)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
@@ -427,7 +429,7 @@ def test_push_to_hub_uploads_the_finished_folder_once(family, tmp_path, monkeypa
     pushed = []
 
     def push_folder(folder, repo_id, *, private=False, commit_message="", token=None, revision=None):
-        pushed.append((repo_id, private, sorted(path.name for path in Path(folder).iterdir()), token))
+        pushed.append((repo_id, private, _folder_files(Path(folder)), token))  # what the real push uploads
         return "0" * 40
 
     monkeypatch.setattr("saft_hf.hub.push_folder", push_folder)

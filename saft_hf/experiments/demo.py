@@ -26,6 +26,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..checkpoints import atomic_output_dir
 from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_splits, make_digits_task, register_task
+from ..errors import UnsafeOutputError
 from ..evaluation import classification_metrics
 from ..testing import build_tiny_clip
 
@@ -103,15 +104,23 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     """Build a tiny CLIP (`saft_hf.testing`, `seed`), pre-train it on the pre-training digits and save it as a
     complete CLIPModel folder (weights, tokenizer, image processor, `pretraining.json`) at `output_dir`.
 
-    Cached: a folder whose `pretraining.json` records the same settings is returned as is. The folder appears
-    atomically, so an interrupted run leaves nothing behind.
+    Cached: a folder whose `pretraining.json` records the same settings is returned as is; other settings are
+    refused (the fine-tunes cached from it would no longer match). The folder appears atomically, so an interrupted
+    run leaves nothing behind.
     """
     output_dir = Path(output_dir)
     settings = {"seed": seed, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
                 "task": PRETRAINING_TASK, "fraction_of_train_split": PRETRAINING_FRACTION}  # fmt: skip
     record = output_dir / PRETRAINING_RECORD
-    if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
-        return output_dir
+    if record.is_file():
+        recorded = json.loads(record.read_text()).get("settings")
+        if recorded == settings:
+            return output_dir
+        # Fine-tunes cached downstream started from the recorded model; replacing it would silently mismatch them.
+        raise UnsafeOutputError(
+            f"{record}: records other pre-training settings ({recorded}); choose another output folder, or delete "
+            "this one to pre-train again"
+        )
     register_demo_tasks()
     task = get_task(PRETRAINING_TASK)
     clip, tokenizer, processor = build_tiny_clip(seed)
@@ -119,7 +128,7 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     tokens = tokenizer(prompts, padding=True, return_tensors="pt")
     model = ZeroShotPretraining(clip.train(), tokens["input_ids"], tokens["attention_mask"], len(task.class_names))
     splits = task.prepare(task.load(), processor)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, kind="pretrained_model") as staging:
         args = TrainingArguments(
             output_dir=str(staging / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=256, learning_rate=learning_rate, weight_decay=0.1, lr_scheduler_type="cosine",

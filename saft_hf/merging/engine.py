@@ -29,6 +29,7 @@ from ..checkpoints import (
     TensorSpec,
     align_models,
     atomic_output_dir,
+    check_outside_inputs,
     check_replaceable,
     open_model_weights,
     tensor_dtype,
@@ -205,10 +206,14 @@ def merge(config: MergeConfig | dict | str | Path, *, token: str | bool | None =
 
 
 def check_output_dir(config: MergeConfig) -> Path:
-    """``output_dir``, after checking it is set and that writing there would not replace a foreign folder."""
+    """``output_dir``, after checking (before any download) that it is set, lies apart from the recipe's local
+    inputs and would replace nothing saft_hf did not write (see :func:`saft_hf.checkpoints.atomic_output_dir`)."""
     if not config.output_dir:
         raise ValueError("output_dir: required (where to write the merged model)")
     output_dir = Path(config.output_dir).expanduser()
+    refs = [("base_model", config.base_model), *((f"models[{i}]", spec.model) for i, spec in enumerate(config.models))]
+    check_outside_inputs(output_dir, [(f"{field} ({ref})", ref) for field, ref in refs if hub.is_local(ref)],
+                         field="output_dir")  # fmt: skip
     check_replaceable(output_dir.resolve())
     return output_dir
 
@@ -219,7 +224,10 @@ def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, 
     config = plan.config
     output_dir = check_output_dir(config)
     parameters = {**config.parameters, **(overrides or {})}
-    with atomic_output_dir(output_dir) as staging:
+    # Hub inputs are known as folders only now, resolved to their snapshots.
+    inputs = [(f"base_model ({config.base_model})", plan.base.folder),
+              *((item.label, item.weights.folder) for item in plan.inputs)]  # fmt: skip
+    with atomic_output_dir(output_dir, kind="merged_model", inputs=inputs, field="output_dir") as staging:
         write_model_folder(plan, staging, overrides=overrides, progress=progress)
         recipe = plan.recorded_recipe(parameters)
         (staging / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
