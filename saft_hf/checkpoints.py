@@ -377,8 +377,9 @@ def check_outside_inputs(output: str | os.PathLike, inputs: Iterable[tuple[str, 
             relation = "contains"
         else:
             continue
+        where = "" if str(folder) in label else f" ({folder})"
         raise UnsafeOutputError(
-            f"{field}: {output} {relation} the folder of input {label} ({folder}); writing there would replace or "
+            f"{field}: {output} {relation} the folder of input {label}{where}; writing there would replace or "
             f"change that input, choose another {field}"
         )
 
