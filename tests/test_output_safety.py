@@ -109,7 +109,7 @@ def test_task_vector_is_never_saved_over_a_folder_it_is_read_from(family, tmp_pa
     with pytest.raises(UnsafeOutputError, match=r"^task vector folder: \S+/tv is the folder of input task vector "):
         loaded.save(vector_dir)
     combined = loaded + TaskVector.from_models(base_dir, ft1)
-    with pytest.raises(UnsafeOutputError, match=r"is inside the folder of input finetuned \S+/ft1 "):
+    with pytest.raises(UnsafeOutputError, match=r"is inside the folder of input finetuned \S+/ft1; "):
         (0.5 * combined).save(ft1 / "tv")
     with pytest.raises(UnsafeOutputError, match=r"contains the folder of input base "):
         TaskVector.from_models(base_dir, ft0).save(base_dir.parent)
