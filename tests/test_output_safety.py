@@ -124,7 +124,7 @@ def test_cli_task_vector_into_its_own_finetuned_folder_is_refused(family, tmp_pa
         cli_main(["task-vector", "--base", str(base_dir), "--finetuned", str(merged), "-o", str(merged)])
     assert exit_info.value.code != 0
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("saft-hf: error:")]
-    assert re.search(r"task vector folder: \S+/merged is the folder of input finetuned \S+/merged \(", error)
+    assert re.search(r"task vector folder: \S+/merged is the folder of input finetuned \S+/merged; writing", error)
     assert tree(merged) == before and hidden_entries(tmp_path) == []
 
 
