@@ -3,6 +3,15 @@
 Peak allocated memory is the method's working set for the largest tensor (constant in the number of models, see
 ``methods``) plus the output shard being filled (at most ``max_shard_size``); inputs are memory-mapped, so reading
 them costs page cache, not allocations.
+
+Dtypes: inputs (models, task vectors, the base) may hold any floating-point dtype, mixed freely; differences and
+merges are computed in float64 and the result is stored in the base's dtype unless the recipe's ``dtype`` asks for
+another. Non-finite numbers are refused by default: every input tensor is checked as it is read (NaN or infinity
+in a model, task vector or the base raises :class:`~saft_hf.errors.NonFiniteError` naming the input, the tensor and
+the counts), and every output tensor before it is written (once in float64, where a non-finite value means the
+method's parameters or the models' weights are out of range, and once in the output dtype, whose range it may
+exceed). ``allow_nonfinite: true`` lets such values through float64 arithmetic as they come: task arithmetic and
+averages propagate them; TIES' magnitude trim drops NaN entries and keeps infinite ones (the largest magnitudes).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..checkpoints import (
     TensorSpec,
     align_models,
     atomic_output_dir,
+    check_finite,
     check_replaceable,
     open_model_weights,
     tensor_dtype,
@@ -41,6 +51,7 @@ from .methods import get_method
 RECIPE_NAME = "merge_config.yaml"
 SEARCH_TABLE_NAME = "search_table"
 # Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
+_NONFINITE_INPUT_ADVICE = "fix the input, or set allow_nonfinite: true in the recipe to merge such values as they are"
 _NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt",
                "*.h5", "*.msgpack", "*.onnx", "README.md", RECIPE_NAME, f"{SEARCH_TABLE_NAME}.*", ".*")  # fmt: skip
 
@@ -57,15 +68,19 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     """The inputs' tensors for one base name, each read when the method reaches it (a task vector's ``base +
     delta`` computed in float64 then), so a method looping over the models holds one of them at a time."""
 
-    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor):
+    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor, *, allow_nonfinite: bool):
         self._inputs, self._name, self._base = inputs, name, base_tensor
+        self._allow_nonfinite = allow_nonfinite
 
     def __len__(self) -> int:
         return len(self._inputs)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self._inputs[index]
-        tensor = item.weights.tensors[item.alignment.mapping[self._name]]
+        input_name = item.alignment.mapping[self._name]
+        tensor = item.weights.tensors[input_name]
+        if not self._allow_nonfinite:
+            check_finite(tensor, where=f"{item.label}: tensor {input_name!r}", advice=_NONFINITE_INPUT_ADVICE)
         if item.task_vector is not None:
             return self._base.to(torch.float64, copy=True).add_(tensor.double())
         return tensor
@@ -144,13 +159,37 @@ class MergePlan:
 
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
-        base_tensor = self.base.tensors[name]
-        finetuned = _FinetunedTensors(self.inputs, name, base_tensor)
+        allow_nonfinite = self.config.allow_nonfinite
+        base_tensor = self._base_tensor(name)
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=allow_nonfinite)
         parameters = self.config.parameters_for(name, overrides)
+        arguments = dict(parameters)
         if self.method.seeded:
-            parameters["seed"] = tensor_seed(parameters["seed"], name)
-        merged = self.method.function(base_tensor, finetuned, self.weights, **parameters)
-        return merged.to(self.output_dtype(name))
+            arguments["seed"] = tensor_seed(parameters["seed"], name)
+        merged = self.method.function(base_tensor, finetuned, self.weights, **arguments)
+        if not allow_nonfinite:  # the inputs were finite: the arithmetic itself overflowed
+            check_finite(merged, where=f"merged tensor {name!r}",
+                         advice=f"the inputs are finite, so method {self.method.name!r} with parameters {parameters} "
+                         f"and model weights {self.weights} is out of range (e.g. a huge alpha); fix the recipe, or "
+                         "set allow_nonfinite: true to write such values")  # fmt: skip
+        return self._to_output(name, merged)
+
+    def _base_tensor(self, name: str) -> torch.Tensor:
+        tensor = self.base.tensors[name]
+        if not self.config.allow_nonfinite:
+            check_finite(tensor, where=f"base_model ({self.config.base_model}): tensor {name!r}",
+                         advice=_NONFINITE_INPUT_ADVICE)  # fmt: skip
+        return tensor
+
+    def _to_output(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` cast to the output dtype of ``name``, checked to still be finite (a narrower dtype overflows)."""
+        dtype = self.output_dtype(name)
+        result = tensor.to(dtype)
+        if not self.config.allow_nonfinite:
+            check_finite(result, where=f"output tensor {name!r} in {dtype}",
+                         advice=f"its values exceed the range of {dtype}; choose a wider output dtype (recipe field "
+                         "dtype), or set allow_nonfinite: true to write such values")  # fmt: skip
+        return result
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every base tensor, in the base's order: merged where the inputs cover it, the
@@ -167,7 +206,7 @@ class MergePlan:
                     tied_results[source] = tensor
                 yield name, tensor
             else:
-                yield name, self.base.tensors[name].to(self.output_dtype(name))
+                yield name, self._to_output(name, self._base_tensor(name))
 
     def recorded_recipe(self, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The recipe as run: Hub references pinned to the commits they resolved to."""
