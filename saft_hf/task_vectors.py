@@ -302,7 +302,7 @@ class TaskVector(LazyStateDict):
         """
         target = open_model_weights(base, revision, allow_pickle=allow_pickle, token=token)
         label = f"base {target.label}"
-        alignment = self.alignment_with(target.tensors, label=label)
+        alignment = self.alignment_with(target, label=label)
         self.check_base(target.tensors, label=label, alignment=alignment, allow_other_base=allow_other_base)
         in_vector = {**alignment.mapping, **{tie: alignment.mapping.get(source)
                                              for tie, source in alignment.base_ties.items()}}  # fmt: skip
@@ -327,10 +327,14 @@ class TaskVector(LazyStateDict):
             result[name] = updated[source]
         return result
 
-    def alignment_with(self, base: Mapping[str, torch.Tensor], *, label: str) -> KeyAlignment:
+    def alignment_with(self, base: ModelWeights | Mapping[str, torch.Tensor], *, label: str) -> KeyAlignment:
         """How ``base`` names this vector's tensors (``mapping``: base name -> name in the vector; ``base_ties``: a
         tied base name -> its base name in ``mapping``); raises naming a tensor ``base`` lacks or has with another
-        shape."""
+        shape, or a ``tied_weights`` name that is not a base tensor of the stored tensor's shape. A tied name the
+        base does not store is accepted only when the base's architecture (known from a :class:`ModelWeights`)
+        declares it tied to that tensor: the checkpoint holds the copy once (a vector made from in-memory models
+        records every tied name of their state dicts)."""
+        weights, base = (base, base.tensors) if isinstance(base, ModelWeights) else (None, base)
         name_map = find_name_map(float_names(base), list(self))
         mapping = {}
         for name in self:
@@ -342,14 +346,17 @@ class TaskVector(LazyStateDict):
         ties = {}
         field = f"{self.where}: metadata field {TIED_WEIGHTS_FIELD}"
         for alias, name in self.tied_weights.items():
-            base_alias = name_map.to_base(alias)
+            base_alias, base_name = name_map.to_base(alias), name_map.to_base(name)
             if base_alias is None or base_alias not in base:
+                declared = weights.declared_ties if weights is not None else {}
+                if base_alias is not None and declared.get(base_alias, base_alias) == declared.get(base_name, base_name):
+                    continue  # re-tied when the base loads: no separate copy to update
                 raise ValueError(f"{field}: {alias!r} (a tied copy of {name!r}) is not a tensor of the {label}; "
                                  "remove the entry or apply the vector to its own base")  # fmt: skip
             if tensor_shape(base, base_alias) != self.shape(name):
                 raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r} of shape {list(self.shape(name))}, but "
                                  f"the {label} has it with shape {list(tensor_shape(base, base_alias))}")  # fmt: skip
-            ties[base_alias] = name_map.to_base(name)
+            ties[base_alias] = base_name
         return KeyAlignment(mapping, ties)
 
     def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, alignment: KeyAlignment | None = None,

@@ -8,10 +8,11 @@ Dtypes: inputs (models, task vectors, the base) may hold any floating-point dtyp
 merges are computed in float64 and the result is stored in the base's dtype unless the recipe's ``dtype`` asks for
 another. Non-finite numbers are refused by default: every input tensor is checked as it is read (NaN or infinity
 in a model, task vector or the base raises :class:`~saft_hf.errors.NonFiniteError` naming the input, the tensor and
-the counts), and every output tensor before it is written (once in float64, where a non-finite value means the
-method's parameters or the models' weights are out of range, and once in the output dtype, whose range it may
-exceed). ``allow_nonfinite: true`` lets such values through float64 arithmetic as they come: task arithmetic and
-averages propagate them; TIES' magnitude trim drops NaN entries and keeps infinite ones (the largest magnitudes).
+the counts), and every output tensor after the cast to the output dtype, before it is written (the message names
+the likely cause: the method's parameters or model weights, e.g. ``alpha: -1e300``, or an output ``dtype``
+narrower than the base's). ``allow_nonfinite: true`` lets such values through float64 arithmetic as is: task
+arithmetic and averages propagate them; TIES' magnitude trim drops NaN entries and keeps infinite ones (the largest
+magnitudes).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class MergePlan:
         folder = hub.resolve_model(spec.model, spec.revision, token=self.token)
         vector = TaskVector.load(folder)
         weights = ModelWeights(vector, spec.model, hub.resolved_revision(spec.model, spec.revision, self.token), folder)
-        alignment = vector.alignment_with(self.base.tensors, label=f"base for {label}")
+        alignment = vector.alignment_with(self.base, label=f"base for {label}")
         vector.check_base(self.base.tensors, label=f"{label}: its base", alignment=alignment,
                           allow_other_base=self.config.allow_other_base)  # fmt: skip
         return _Input(label, weights, alignment, vector)
@@ -159,20 +160,14 @@ class MergePlan:
 
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
-        allow_nonfinite = self.config.allow_nonfinite
         base_tensor = self._base_tensor(name)
-        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=allow_nonfinite)
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=self.config.allow_nonfinite)
         parameters = self.config.parameters_for(name, overrides)
         arguments = dict(parameters)
         if self.method.seeded:
             arguments["seed"] = tensor_seed(parameters["seed"], name)
         merged = self.method.function(base_tensor, finetuned, self.weights, **arguments)
-        if not allow_nonfinite:  # the inputs were finite: the arithmetic itself overflowed
-            check_finite(merged, where=f"merged tensor {name!r}",
-                         advice=f"the inputs are finite, so method {self.method.name!r} with parameters {parameters} "
-                         f"and model weights {self.weights} is out of range (e.g. a huge alpha); fix the recipe, or "
-                         "set allow_nonfinite: true to write such values")  # fmt: skip
-        return self._to_output(name, merged)
+        return self._to_output(name, merged, parameters)
 
     def _base_tensor(self, name: str) -> torch.Tensor:
         tensor = self.base.tensors[name]
@@ -181,14 +176,23 @@ class MergePlan:
                          advice=_NONFINITE_INPUT_ADVICE)  # fmt: skip
         return tensor
 
-    def _to_output(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` cast to the output dtype of ``name``, checked to still be finite (a narrower dtype overflows)."""
+    def _to_output(self, name: str, tensor: torch.Tensor, parameters: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """``tensor`` (merged with ``parameters``, or the base's own when None) cast to the output dtype of ``name``,
+        checked to be finite: the inputs were, so the method's arithmetic or the cast overflowed."""
         dtype = self.output_dtype(name)
         result = tensor.to(dtype)
-        if not self.config.allow_nonfinite:
-            check_finite(result, where=f"output tensor {name!r} in {dtype}",
-                         advice=f"its values exceed the range of {dtype}; choose a wider output dtype (recipe field "
-                         "dtype), or set allow_nonfinite: true to write such values")  # fmt: skip
+        if self.config.allow_nonfinite:
+            return result
+        causes = []
+        if parameters is not None:
+            causes.append(f"method {self.method.name!r} with parameters {dict(parameters)} and model weights "
+                          f"{self.weights} (e.g. a huge alpha)")  # fmt: skip
+        base_dtype = tensor_dtype(self.base.tensors, name)
+        if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(base_dtype).max:
+            causes.append(f"the output dtype {dtype} (recipe field dtype), narrower than the base's {base_dtype}")
+        check_finite(result, where=f"output tensor {name!r} in {dtype}",
+                     advice=f"likely cause: {' or '.join(causes)}; fix the recipe, or set allow_nonfinite: true to "
+                     "write such values")  # fmt: skip
         return result
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
