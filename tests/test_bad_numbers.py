@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from saft_hf.checkpoints import CheckpointReader
 from saft_hf.errors import NonFiniteError
-from saft_hf.merging import MergeConfig, merge
+from saft_hf.merging import MERGE_METHODS, MergeConfig, get_method, merge
 from saft_hf.task_vectors import TaskVector
 
 NAME = "post_layernorm.weight"  # the tensor the tests poison (shape [32])
@@ -333,3 +333,14 @@ def test_bf16_finetune_of_fp32_base_gives_the_same_numbers_in_merge_and_task_vec
         # the default vector stores each difference rounded to float32 (the base's dtype), then applies it in float64
         difference = (tuned[name].double() - base[name].double()).float()
         assert torch.equal(applied[name], (base[name].double() + alpha * difference.double()).float()), name
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_every_method_computes_float8_inputs_in_float64(method):
+    """torch promotes no float8 type: the methods convert each input to float64 themselves."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=generator)
+    finetuned = [(base + torch.randn(6, 5, generator=generator)).to(torch.float8_e5m2) for _ in range(2)]
+    merged = get_method(method)(base, finetuned)
+    assert merged.dtype == torch.float64
+    assert torch.equal(merged, get_method(method)(base, [tensor.double() for tensor in finetuned]))
