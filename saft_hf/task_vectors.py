@@ -349,13 +349,15 @@ class TaskVector(LazyStateDict):
             base_alias, base_name = name_map.to_base(alias), name_map.to_base(name)
             if base_alias is None or base_alias not in base:
                 declared = weights.declared_ties if weights is not None else {}
-                if base_alias is not None and declared.get(base_alias, base_alias) == declared.get(base_name, base_name):
+                source = declared.get(base_name, base_name)
+                if base_alias is not None and declared.get(base_alias, base_alias) == source:
                     continue  # re-tied when the base loads: no separate copy to update
                 raise ValueError(f"{field}: {alias!r} (a tied copy of {name!r}) is not a tensor of the {label}; "
                                  "remove the entry or apply the vector to its own base")  # fmt: skip
-            if tensor_shape(base, base_alias) != self.shape(name):
-                raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r} of shape {list(self.shape(name))}, but "
-                                 f"the {label} has it with shape {list(tensor_shape(base, base_alias))}")  # fmt: skip
+            shape, base_shape = list(self.shape(name)), list(tensor_shape(base, base_alias))
+            if base_shape != shape:
+                raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r} of shape {shape}, but the {label} has "
+                                 f"it with shape {base_shape}")  # fmt: skip
             ties[base_alias] = base_name
         return KeyAlignment(mapping, ties)
 
