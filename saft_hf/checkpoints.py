@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import hub
-from .errors import UnsafeOutputError
+from .errors import NonFiniteError, UnsafeOutputError
 
 MODEL_WEIGHTS_NAME = "model"
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
@@ -744,6 +744,27 @@ def check_shapes(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Ten
                 f"{other_label}: tensor {other_name!r} has shape {list(other_shape)}, the base's "
                 f"{base_name!r} has {list(base_shape)}"
             )
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(NaN count, infinity count)`` of ``tensor``: one ``isfinite`` pass when all values are finite (the usual
+    case); integer and boolean tensors are always ``(0, 0)``."""
+    if not tensor.dtype.is_floating_point:
+        return 0, 0
+    if tensor.dtype.itemsize == 1:  # torch implements isfinite/isnan/isinf for no float8 type
+        tensor = tensor.float()
+    if bool(torch.isfinite(tensor).all()):
+        return 0, 0
+    return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+
+
+def check_finite(tensor: torch.Tensor, *, where: str, advice: str) -> torch.Tensor:
+    """``tensor``, after checking it holds no NaN or infinity; otherwise raise :class:`NonFiniteError`
+    ``"{where} has {n} NaN and {m} Inf values; {advice}"``."""
+    nan, inf = nonfinite_counts(tensor)
+    if nan or inf:
+        raise NonFiniteError(f"{where} has {nan} NaN and {inf} Inf values; {advice}")
+    return tensor
 
 
 _FINGERPRINT_SAMPLES = 4096

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--sam_rho", type=float, help="SAM rho used for fine-tuning (recorded).")
     vector.add_argument("--sam_eta", type=float, help="ASAM eta used for fine-tuning (recorded).")
     vector.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                        help="Storage dtype (default: the fine-tune's; float64 makes apply_to exact).")  # fmt: skip
+                        help="Storage dtype (default: the base's; float64 makes apply_to exact).")  # fmt: skip
     vector.add_argument("--max_shard_size", default="2GB", help="Largest safetensors shard.")
     vector.add_argument("--allow_pickle", action="store_true", help="Accept pickle .bin weights (can run code).")
     vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")

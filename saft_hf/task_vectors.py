@@ -3,10 +3,21 @@
 A :class:`TaskVector` is a lazy mapping from the base model's tensor names to deltas. Built from two models, it
 reads one tensor of each at a time; loaded from disk, it memory-maps the file; arithmetic (``+``, ``-``, scalar
 ``*``, negation) composes lazily, so ``(tv_a + tv_b).save(...)`` streams. Integer and boolean buffers are not part
-of a task vector. Differences are computed in float64 and stored in the fine-tune's dtype unless asked otherwise.
+of a task vector.
+
+Dtypes (the merge engine's rule too): the base and the fine-tune may hold any floating-point dtypes, mixed (a
+bfloat16 fine-tune of a float32 base is fine); differences and ``base + alpha * tau`` are computed in float64 and
+stored in the base's dtype unless ``dtype=`` asks for another.
+
+Non-finite numbers are refused: a NaN or infinity in the fine-tune or the base (:meth:`TaskVector.from_models`, when
+the tensor is computed, i.e. on access or :meth:`~TaskVector.save`), in the vector itself or in a result
+(:meth:`~TaskVector.apply_to`, e.g. a huge ``alpha``) raises :class:`~saft_hf.errors.NonFiniteError` naming the
+tensor and the counts, unless ``allow_nonfinite=True``.
 
 Every vector records a fingerprint of the base weights it was computed from; applying it to a base with another
-fingerprint raises unless ``allow_other_base=True``.
+fingerprint, or applying a vector that records none, raises unless ``allow_other_base=True``. Loading checks the
+``tied_weights`` metadata (a JSON object naming, for each base name that holds a tied copy, the tensor the vector
+stores it as); applying checks that each such name is a base tensor of the stored tensor's shape.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from .checkpoints import (
     align_models,
     atomic_output_dir,
     base_fingerprint,
+    check_finite,
     check_shapes,
     find_name_map,
     float_names,
@@ -47,6 +59,8 @@ TASK_VECTOR_WEIGHTS_NAME = "task_vector"
 METADATA_FIELDS = ("format", "base_model", "base_revision", "task", "finetune_mode", "sam_mode", "sam_rho",
                    "sam_eta", "saft_hf_version", "base_fingerprint", "source")  # fmt: skip
 TIED_WEIGHTS_FIELD = "tied_weights"  # JSON {base name stored twice: name of the tensor in the vector}
+_WEIGHT_FILES = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors")
+_KEEP_NONFINITE = "pass allow_nonfinite=True to compute with such values as they are"
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -68,16 +82,17 @@ class TaskVector(LazyStateDict):
     ``metadata`` holds the string fields written into the safetensors header (see ``METADATA_FIELDS``);
     ``tied_weights`` maps base names that hold a tied copy of a tensor to the name the vector stores it under;
     ``source_folders`` are ``(label, folder)`` of the local folders its tensors are read from, which :meth:`save`
-    never writes into.
+    never writes into; ``path`` is the file :meth:`load` read the metadata from (named in errors).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 tied_weights: Mapping[str, str] | None = None,
-                 source_folders: Iterable[tuple[str, Path]] = ()):  # fmt: skip
+                 tied_weights: Mapping[str, str] | None = None, source_folders: Iterable[tuple[str, Path]] = (), *,
+                 path: str | os.PathLike | None = None):  # fmt: skip
         self._tensors = tensors
         self.metadata = {"format": TASK_VECTOR_FORMAT, **{k: _text(v) for k, v in (metadata or {}).items()}}
         self.tied_weights = dict(tied_weights or {})
         self.source_folders = list(source_folders)
+        self.path = None if path is None else Path(path)
 
     # ---- mapping -------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -102,6 +117,11 @@ class TaskVector(LazyStateDict):
     def task(self) -> str:
         return self.metadata.get("task", "")
 
+    @property
+    def where(self) -> str:
+        """How errors name this vector: the file it was loaded from, else its task."""
+        return str(self.path) if self.path is not None else f"task vector {self.task!r}"
+
     def __repr__(self) -> str:
         return f"TaskVector(task={self.task!r}, base_model={self.metadata.get('base_model')!r}, tensors={len(self)})"
 
@@ -111,33 +131,43 @@ class TaskVector(LazyStateDict):
                     finetuned_revision: str | None = None, task: str | None = None,
                     finetune_mode: str | None = None, sam_mode: str | None = None, sam_rho: float | None = None,
                     sam_eta: float | None = None, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                    token: str | bool | None = None) -> TaskVector:  # fmt: skip
+                    allow_nonfinite: bool = False, token: str | bool | None = None) -> TaskVector:  # fmt: skip
         """``finetuned - base``. Either side may be a local folder, a Hub reference (``org/name@rev``), a model or a
         state dict. Tensors are read lazily; the result is computed on access (or streamed by :meth:`save`).
 
         The fine-tune may be a sub-model of the base (a ``CLIPVisionModel`` of a ``CLIPModel``): the vector then
-        covers the sub-model's tensors. ``dtype`` defaults to the fine-tune's; pass ``torch.float64`` for a vector
-        whose :meth:`apply_to` with ``alpha=1`` reproduces the fine-tune bit for bit.
+        covers the sub-model's tensors. Either side may hold any floating-point dtypes; ``dtype`` (of the stored
+        differences) defaults to the base's; pass ``torch.float64`` for a vector whose :meth:`apply_to` with
+        ``alpha=1`` reproduces the fine-tune bit for bit.
 
-        Raises ``ValueError`` naming the tensor on a key, shape or dtype mismatch.
+        Raises ``ValueError`` naming the tensor on a key or shape mismatch, and (when the tensor is computed)
+        :class:`~saft_hf.errors.NonFiniteError` on a NaN or infinity in either model or in a difference cast to
+        ``dtype``, unless ``allow_nonfinite``.
         """
         base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
         tuned = open_model_weights(finetuned, finetuned_revision, allow_pickle=allow_pickle, token=token)
         label = f"fine-tuned model {tuned.label}"
         alignment = align_models(base_weights, tuned, other_label=label)
-        for base_name, tuned_name in alignment.mapping.items():
-            base_dtype, tuned_dtype = tensor_dtype(base_weights.tensors, base_name), tensor_dtype(tuned.tensors, tuned_name)
-            if base_dtype != tuned_dtype:
-                raise ValueError(f"{label}: tensor {tuned_name!r} is {tuned_dtype}, the base's is {base_dtype}")
+
+        def storage_dtype(name: str) -> torch.dtype:
+            return dtype or tensor_dtype(base_weights.tensors, name)
 
         def compute(name: str) -> torch.Tensor:
-            difference = _float64(tuned.tensors[alignment.mapping[name]]).sub_(base_weights.tensors[name].double())
-            return difference.to(dtype or tensor_dtype(tuned.tensors, alignment.mapping[name]))
+            tuned_name = alignment.mapping[name]
+            tuned_tensor, base_tensor = tuned.tensors[tuned_name], base_weights.tensors[name]
+            if not allow_nonfinite:
+                check_finite(tuned_tensor, where=f"{label}: tensor {tuned_name!r}", advice=_KEEP_NONFINITE)
+                check_finite(base_tensor, where=f"base {base_weights.label}: tensor {name!r}", advice=_KEEP_NONFINITE)
+            difference = _float64(tuned_tensor).sub_(base_tensor.double()).to(storage_dtype(name))
+            if not allow_nonfinite:
+                check_finite(difference, where=f"{label}: the difference for tensor {name!r} in {storage_dtype(name)}",
+                             advice="it exceeds the range of that dtype; pass a wider dtype= (e.g. torch.float32), or "
+                             f"{_KEEP_NONFINITE}")  # fmt: skip
+            return difference
 
         tensors = ComputedStateDict(
-            alignment.mapping, compute, shape=lambda name: tensor_shape(base_weights.tensors, name),
-            dtype=lambda name: dtype or tensor_dtype(tuned.tensors, alignment.mapping[name]),
-        )  # fmt: skip
+            alignment.mapping, compute, shape=lambda name: tensor_shape(base_weights.tensors, name), dtype=storage_dtype
+        )
         metadata = _metadata(base_weights, list(alignment.mapping), source=tuned.label, task=task,
                              finetune_mode=finetune_mode, sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
         return cls(tensors, metadata, alignment.base_ties, _folders(("base", base_weights), ("finetuned", tuned)))
@@ -167,9 +197,11 @@ class TaskVector(LazyStateDict):
         if reader.metadata.get("format") != TASK_VECTOR_FORMAT:
             raise ValueError(f"{path}: not a saft_hf task vector (safetensors metadata format is "
                              f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
-        tied = json.loads(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}")
+        # The index's metadata (of a sharded vector) is read over the shards'.
+        header = next((Path(path) / name for name in _WEIGHT_FILES if (Path(path) / name).is_file()), Path(path))
+        tied = _parse_tied_weights(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}", reader, where=str(header))
         metadata = {k: v for k, v in reader.metadata.items() if k != TIED_WEIGHTS_FIELD}
-        return cls(reader, metadata, tied, [(f"task vector {path}", Path(path))])
+        return cls(reader, metadata, tied, [(f"task vector {path}", Path(path))], path=header)
 
     # ---- saving --------------------------------------------------------------------------------------------
     def header_metadata(self) -> dict[str, str]:
@@ -238,6 +270,8 @@ class TaskVector(LazyStateDict):
             a, b = self.metadata.get(key, ""), other.metadata.get(key, "")
             if key in ("task", "source"):
                 metadata[key] = f"({a} {symbol} {b})"
+            elif key == "base_fingerprint":  # a part without one makes the sum uncheckable
+                metadata[key] = a if a == b else ""
             else:
                 metadata[key] = a if a == b or not b else (b if not a else "mixed")
         return TaskVector(tensors, metadata, {**other.tied_weights, **self.tied_weights},
@@ -266,16 +300,18 @@ class TaskVector(LazyStateDict):
 
     # ---- application ---------------------------------------------------------------------------------------
     def apply_to(self, base: ModelLike, alpha: float = 1.0, *, allow_other_base: bool = False,
-                 revision: str | None = None, allow_pickle: bool = False,
+                 revision: str | None = None, allow_pickle: bool = False, allow_nonfinite: bool = False,
                  token: str | bool | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """``base + alpha * tau`` as a full state dict (tensors the vector does not cover are the base's own).
 
         Computed in float64 and cast to each base tensor's dtype. Raises ``ValueError`` when the base's fingerprint
-        differs from the one recorded (unless ``allow_other_base``) or a tensor is missing or has another shape.
+        differs from the one recorded or none is recorded (unless ``allow_other_base``), or a tensor is missing or
+        has another shape; :class:`~saft_hf.errors.NonFiniteError` on a NaN or infinity in the vector, in a base
+        tensor it updates or in a result (e.g. a huge ``alpha``), unless ``allow_nonfinite``.
         """
         target = open_model_weights(base, revision, allow_pickle=allow_pickle, token=token)
         label = f"base {target.label}"
-        alignment = self.alignment_with(target.tensors, label=label)
+        alignment = self.alignment_with(target, label=label)
         self.check_base(target.tensors, label=label, alignment=alignment, allow_other_base=allow_other_base)
         in_vector = {**alignment.mapping, **{tie: alignment.mapping.get(source)
                                              for tie, source in alignment.base_ties.items()}}  # fmt: skip
@@ -287,14 +323,27 @@ class TaskVector(LazyStateDict):
                 result[name] = original
                 continue
             if source not in updated:
-                updated[source] = _float64(original).add_(self[source].double(), alpha=alpha).to(original.dtype)
+                delta = self[source]
+                if not allow_nonfinite:
+                    check_finite(delta, where=f"{self.where}: tensor {source!r}", advice=_KEEP_NONFINITE)
+                    check_finite(original, where=f"{label}: tensor {name!r}", advice=_KEEP_NONFINITE)
+                applied = _float64(original).add_(delta.double(), alpha=alpha).to(original.dtype)
+                if not allow_nonfinite:
+                    check_finite(applied, where=f"{label}: tensor {name!r} plus {alpha!r} times the task vector",
+                                 advice=f"alpha is out of range or the result exceeds the range of {original.dtype}; "
+                                 f"use a smaller alpha, or {_KEEP_NONFINITE}")  # fmt: skip
+                updated[source] = applied
             result[name] = updated[source]
         return result
 
-    def alignment_with(self, base: Mapping[str, torch.Tensor], *, label: str) -> KeyAlignment:
+    def alignment_with(self, base: ModelWeights | Mapping[str, torch.Tensor], *, label: str) -> KeyAlignment:
         """How ``base`` names this vector's tensors (``mapping``: base name -> name in the vector; ``base_ties``: a
         tied base name -> its base name in ``mapping``); raises naming a tensor ``base`` lacks or has with another
-        shape."""
+        shape, or a ``tied_weights`` name that is not a base tensor of the stored tensor's shape. A tied name the
+        base does not store is accepted only when the base's architecture (known from a :class:`ModelWeights`)
+        declares it tied to that tensor: the checkpoint holds the copy once (a vector made from in-memory models
+        records every tied name of their state dicts)."""
+        weights, base = (base, base.tensors) if isinstance(base, ModelWeights) else (None, base)
         name_map = find_name_map(float_names(base), list(self))
         mapping = {}
         for name in self:
@@ -303,7 +352,22 @@ class TaskVector(LazyStateDict):
                 raise ValueError(f"{label}: has no tensor {name!r}, which the task vector has")
             mapping[base_name] = name
         check_shapes(base, self, mapping, other_label="task vector")
-        ties = {name_map.to_base(alias): name_map.to_base(name) for alias, name in self.tied_weights.items()}
+        ties = {}
+        field = f"{self.where}: metadata field {TIED_WEIGHTS_FIELD}"
+        for alias, name in self.tied_weights.items():
+            base_alias, base_name = name_map.to_base(alias), name_map.to_base(name)
+            if base_alias is None or base_alias not in base:
+                declared = weights.declared_ties if weights is not None else {}
+                source = declared.get(base_name, base_name)
+                if base_alias is not None and declared.get(base_alias, base_alias) == source:
+                    continue  # re-tied when the base loads: no separate copy to update
+                raise ValueError(f"{field}: {alias!r} (a tied copy of {name!r}) is not a tensor of the {label}; "
+                                 "remove the entry or apply the vector to its own base")  # fmt: skip
+            shape, base_shape = list(self.shape(name)), list(tensor_shape(base, base_alias))
+            if base_shape != shape:
+                raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r} of shape {shape}, but the {label} has "
+                                 f"it with shape {base_shape}")  # fmt: skip
+            ties[base_alias] = base_name
         return KeyAlignment(mapping, ties)
 
     def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, alignment: KeyAlignment | None = None,
@@ -311,8 +375,14 @@ class TaskVector(LazyStateDict):
         """Raise unless ``base`` has the fingerprint this vector was computed against (or ``allow_other_base``);
         ``alignment`` (from :meth:`alignment_with`) says how ``base`` names the vector's tensors (default: as is)."""
         expected = self.metadata.get("base_fingerprint")
-        if not expected or allow_other_base:
+        if allow_other_base:
             return
+        if not expected:
+            raise ValueError(
+                f"{self.where}: metadata field base_fingerprint is missing or empty, so the base it is applied to "
+                f"({label}) cannot be checked against the one it was computed from. Pass allow_other_base=True "
+                "(recipe: allow_other_base: true) to apply it anyway."
+            )
         to_base = {name: base_name for base_name, name in alignment.mapping.items()} if alignment is not None else {}
         actual = base_fingerprint(base, [to_base.get(name, name) for name in sorted(self)])
         if actual != expected:
@@ -321,6 +391,23 @@ class TaskVector(LazyStateDict):
                 f"({self.metadata.get('base_model')!r}, fingerprint {expected}; this base: {actual}). "
                 "Pass allow_other_base=True (recipe: allow_other_base: true) to apply it anyway."
             )
+
+
+def _parse_tied_weights(text: str, names: Mapping[str, torch.Tensor], *, where: str) -> dict[str, str]:
+    """The ``tied_weights`` metadata field: a JSON object {tied base name: name of a tensor the vector stores}."""
+    field = f"{where}: metadata field {TIED_WEIGHTS_FIELD}"
+    try:
+        tied = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{field}: not valid JSON ({error})") from error
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise ValueError(f"{field}: expected a JSON object of tensor name -> tensor name, got {text[:80]!r}")
+    for alias, name in tied.items():
+        if name not in names:
+            raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r}, which the vector does not store")
+        if alias in names:
+            raise ValueError(f"{field}: {alias!r} is listed as a tied copy of {name!r} but is stored itself")
+    return tied
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
@@ -348,8 +435,7 @@ def is_task_vector_folder(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     if not folder.is_dir() or (folder / "config.json").is_file():
         return False
-    names = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json")
-    return any((folder / name).is_file() for name in names)
+    return any((folder / name).is_file() for name in _WEIGHT_FILES)
 
 
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------

@@ -89,7 +89,12 @@ class MergeConfig:
     max_shard_size: int | str = field(default="2GB", metadata={"help": "Largest weight shard, e.g. `2GB`."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept pickle `.bin` weights (can run code)."})
     allow_other_base: bool = field(
-        default=False, metadata={"help": "Accept task vectors whose base fingerprint differs from this base."}
+        default=False, metadata={"help": "Accept task vectors of another base, or that record no base fingerprint."}
+    )
+    allow_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
+                          "default both are refused, naming the tensor)."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Folder the merged model is written to."})
     push_to_hub: PushToHub | None = field(default=None, metadata={"help": "`{repo_id, private}` to upload to."})
@@ -119,7 +124,7 @@ class MergeConfig:
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype: must be one of {list(OUTPUT_DTYPES)} or null, got {self.dtype!r}")
         parse_size(self.max_shard_size)
-        for flag in ("allow_pickle", "allow_other_base"):
+        for flag in ("allow_pickle", "allow_other_base", "allow_nonfinite"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected true or false, got {getattr(self, flag)!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str | Path):

@@ -3,6 +3,16 @@
 Peak allocated memory is the method's working set for the largest tensor (constant in the number of models, see
 ``methods``) plus the output shard being filled (at most ``max_shard_size``); inputs are memory-mapped, so reading
 them costs page cache, not allocations.
+
+Dtypes: inputs (models, task vectors, the base) may hold any floating-point dtype, mixed freely; differences and
+merges are computed in float64 and the result is stored in the base's dtype unless the recipe's ``dtype`` asks for
+another. Non-finite numbers are refused by default: every input tensor is checked as it is read (NaN or infinity
+in a model, task vector or the base raises :class:`~saft_hf.errors.NonFiniteError` naming the input, the tensor and
+the counts), and every output tensor after the cast to the output dtype, before it is written (the message names
+the likely cause: the method's parameters or model weights, e.g. ``alpha: -1e300``, or an output ``dtype``
+narrower than the base's). ``allow_nonfinite: true`` lets such values through float64 arithmetic as is: task
+arithmetic and averages propagate them; TIES' magnitude trim drops NaN entries and keeps infinite ones (the largest
+magnitudes).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from ..checkpoints import (
     TensorSpec,
     align_models,
     atomic_output_dir,
+    check_finite,
     check_outside_inputs,
     check_replaceable,
     open_model_weights,
@@ -42,6 +53,7 @@ from .methods import get_method
 RECIPE_NAME = "merge_config.yaml"
 SEARCH_TABLE_NAME = "search_table"
 # Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
+_NONFINITE_INPUT_ADVICE = "fix the input, or set allow_nonfinite: true in the recipe to merge such values as they are"
 _NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt",
                "*.h5", "*.msgpack", "*.onnx", "README.md", RECIPE_NAME, f"{SEARCH_TABLE_NAME}.*", ".*")  # fmt: skip
 
@@ -58,15 +70,19 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     """The inputs' tensors for one base name, each read when the method reaches it (a task vector's ``base +
     delta`` computed in float64 then), so a method looping over the models holds one of them at a time."""
 
-    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor):
+    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor, *, allow_nonfinite: bool):
         self._inputs, self._name, self._base = inputs, name, base_tensor
+        self._allow_nonfinite = allow_nonfinite
 
     def __len__(self) -> int:
         return len(self._inputs)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self._inputs[index]
-        tensor = item.weights.tensors[item.alignment.mapping[self._name]]
+        input_name = item.alignment.mapping[self._name]
+        tensor = item.weights.tensors[input_name]
+        if not self._allow_nonfinite:
+            check_finite(tensor, where=f"{item.label}: tensor {input_name!r}", advice=_NONFINITE_INPUT_ADVICE)
         if item.task_vector is not None:
             return self._base.to(torch.float64, copy=True).add_(tensor.double())
         return tensor
@@ -120,7 +136,7 @@ class MergePlan:
         folder = hub.resolve_model(spec.model, spec.revision, token=self.token)
         vector = TaskVector.load(folder)
         weights = ModelWeights(vector, spec.model, hub.resolved_revision(spec.model, spec.revision, self.token), folder)
-        alignment = vector.alignment_with(self.base.tensors, label=f"base for {label}")
+        alignment = vector.alignment_with(self.base, label=f"base for {label}")
         vector.check_base(self.base.tensors, label=f"{label}: its base", alignment=alignment,
                           allow_other_base=self.config.allow_other_base)  # fmt: skip
         return _Input(label, weights, alignment, vector)
@@ -145,13 +161,40 @@ class MergePlan:
 
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
-        base_tensor = self.base.tensors[name]
-        finetuned = _FinetunedTensors(self.inputs, name, base_tensor)
+        base_tensor = self._base_tensor(name)
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=self.config.allow_nonfinite)
         parameters = self.config.parameters_for(name, overrides)
+        arguments = dict(parameters)
         if self.method.seeded:
-            parameters["seed"] = tensor_seed(parameters["seed"], name)
-        merged = self.method.function(base_tensor, finetuned, self.weights, **parameters)
-        return merged.to(self.output_dtype(name))
+            arguments["seed"] = tensor_seed(parameters["seed"], name)
+        merged = self.method.function(base_tensor, finetuned, self.weights, **arguments)
+        return self._to_output(name, merged, parameters)
+
+    def _base_tensor(self, name: str) -> torch.Tensor:
+        tensor = self.base.tensors[name]
+        if not self.config.allow_nonfinite:
+            check_finite(tensor, where=f"base_model ({self.config.base_model}): tensor {name!r}",
+                         advice=_NONFINITE_INPUT_ADVICE)  # fmt: skip
+        return tensor
+
+    def _to_output(self, name: str, tensor: torch.Tensor, parameters: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """``tensor`` (merged with ``parameters``, or the base's own when None) cast to the output dtype of ``name``,
+        checked to be finite: the inputs were, so the method's arithmetic or the cast overflowed."""
+        dtype = self.output_dtype(name)
+        result = tensor.to(dtype)
+        if self.config.allow_nonfinite:
+            return result
+        causes = []
+        if parameters is not None:
+            causes.append(f"method {self.method.name!r} with parameters {dict(parameters)} and model weights "
+                          f"{self.weights} (e.g. a huge alpha)")  # fmt: skip
+        base_dtype = tensor_dtype(self.base.tensors, name)
+        if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(base_dtype).max:
+            causes.append(f"the output dtype {dtype} (recipe field dtype), narrower than the base's {base_dtype}")
+        check_finite(result, where=f"output tensor {name!r} in {dtype}",
+                     advice=f"likely cause: {' or '.join(causes)}; fix the recipe, or set allow_nonfinite: true to "
+                     "write such values")  # fmt: skip
+        return result
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every base tensor, in the base's order: merged where the inputs cover it, the
@@ -168,7 +211,7 @@ class MergePlan:
                     tied_results[source] = tensor
                 yield name, tensor
             else:
-                yield name, self.base.tensors[name].to(self.output_dtype(name))
+                yield name, self._to_output(name, self._base_tensor(name))
 
     def recorded_recipe(self, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The recipe as run: Hub references pinned to the commits they resolved to."""

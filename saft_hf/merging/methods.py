@@ -151,9 +151,10 @@ def _as_compute(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _task_vectors(base64: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``theta_t - theta_0`` in float64 (type promotion is exact), one model at a time, as fresh tensors."""
+    """``theta_t - theta_0`` in float64, one model at a time, as fresh tensors. Each input is converted explicitly
+    (exact for every float dtype): torch does not promote float8 types."""
     for tensor in finetuned:
-        yield torch.sub(tensor, base64)
+        yield _as_compute(tensor).sub_(base64)
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> float:
@@ -285,7 +286,7 @@ def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weight
         raise ValueError("models: weight_average needs weights with a non-zero sum")
     total = torch.zeros(base.shape, dtype=COMPUTE_DTYPE)
     for weight, tensor in zip(weights, finetuned):
-        total.add_(tensor, alpha=weight)
+        total.add_(tensor.to(COMPUTE_DTYPE), alpha=weight)
     return total.div_(total_weight)
 
 
@@ -420,4 +421,4 @@ def linear_interpolation(base: torch.Tensor, finetuned: Sequence[torch.Tensor], 
     """``(1 - alpha) theta_A + alpha theta_B`` for the two listed models (the base is not used; ``alpha`` outside
     [0, 1] extrapolates). ``alpha = 0`` and ``1`` give the end points exactly."""
     first, second = finetuned
-    return _as_compute(first).mul_(1.0 - alpha).add_(second, alpha=alpha)
+    return _as_compute(first).mul_(1.0 - alpha).add_(second.to(COMPUTE_DTYPE), alpha=alpha)
