@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import is_local, parse_model_ref
+from .hub import is_local, parse_model_ref, public_ref
 from .merging.methods import get_method
 
 __all__ = ["finetune_card", "merged_model_card", "redact_secrets", "task_vector_card"]
@@ -96,6 +96,9 @@ def merged_model_card(
 ) -> ModelCard:
     """The card of a merged model.
 
+    Hub inputs are shown by id; local ones by folder name, marked local (`saft_hf.hub.public_ref`), and they are
+    never Hub lineage (`base_model` metadata).
+
     Args:
         recipe: the merge recipe, as written next to the merged weights (`MergeConfig.to_dict()`); its method is
             looked up in the merge-method registry for its summary and paper.
@@ -127,7 +130,7 @@ def merged_model_card(
         sources=[
             {
                 "role": source.get("role", "model"),
-                "model": _cell(source.get("model")),
+                "model": _cell(public_ref(source["model"]) if source.get("model") else None),
                 "revision": _cell(source.get("revision")),
                 "weight": _cell(source.get("weight")),
             }

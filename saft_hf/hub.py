@@ -437,10 +437,10 @@ def _failure(error: BaseException) -> str:
         request = error.response.request
         answer = error.server_message or error.response.reason_phrase
         text = f"{request.method} {request.url.path} answered HTTP {error.response.status_code}: {answer}"
+    elif error.__cause__ is not None:  # the client wraps a failed LFS upload in a RuntimeError naming the file
+        text = f"{str(error).rstrip('.')}: {_failure(error.__cause__)}"
     else:
         text = f"{type(error).__name__}: {error}"
-    if error.__cause__ is not None and not isinstance(error, HfHubHTTPError):
-        text = f"{text} ({_failure(error.__cause__)})"  # the client wraps a failed LFS upload in a RuntimeError
     return " ".join(text.split())
 
 
