@@ -18,6 +18,7 @@ from merge_fixtures import clip_vision_family
 from safetensors.torch import save_file
 from transformers import CLIPVisionModel
 
+from saft_hf.cards import finetune_card, task_vector_card
 from saft_hf.checkpoints import CheckpointReader
 from saft_hf.errors import OutsideFolderError, PushError
 from saft_hf.hub import fetch_config, push_folder, resolve_model
@@ -288,6 +289,7 @@ def test_pushed_card_recipe_and_vector_metadata_hold_no_absolute_path(hub_server
     vector_card = pushed_vector["README.md"].content.decode()
     assert (metadata["base_model"], metadata["source"]) == ("base (local folder)", "ft0 (local folder)")
     assert root not in json.dumps(metadata) and root not in vector_card
+    assert "https://huggingface.co/" not in vector_card  # a local base is not linked as if it were on the Hub
     assert vector.metadata["base_model"] == str(base_dir)  # the vector itself is unchanged
 
 
@@ -301,3 +303,12 @@ def test_unpushed_recipe_keeps_paths_as_written_and_reruns(family, tmp_path):
     again = merge({**recorded, "output_dir": str(tmp_path / "again")}, progress=False)
     expected = CheckpointReader(first)
     assert all(torch.equal(tensor, expected[name]) for name, tensor in CheckpointReader(again).items())
+
+
+def test_cards_show_a_local_base_by_folder_name_and_link_only_hub_bases(tmp_path):
+    local = finetune_card({"base_model": str(tmp_path / "my_base"), "task": "digits"})
+    assert "fine-tuned version of my_base (local folder) for digits" in local.text
+    assert str(tmp_path) not in local.text and "https://huggingface.co/" not in local.text
+    hub = task_vector_card({"base_model": "org/base@v1", "source": str(tmp_path / "ft")})
+    assert "base model\n[org/base@v1](https://huggingface.co/org/base)," in hub.text
+    assert "| fine-tuned model | ft (local folder) |" in hub.text and str(tmp_path) not in hub.text
