@@ -216,21 +216,24 @@ class HubListing:
 def list_hub_files(ref: str, revision: str | None = None, token: str | bool | None = None) -> HubListing | None:
     """The commit a Hub reference resolves to and the repo's files there (None for a local folder).
 
-    One API call, no download; it raises `FileNotFoundError` naming the repo or revision when either does not
-    exist, so a recipe can be checked whole before any weights are fetched. Offline (`HF_HUB_OFFLINE`), the
-    snapshot cached by an earlier download is listed instead.
+    No file is downloaded; it raises `FileNotFoundError` naming the repo or revision when either does not exist
+    (a commit sha included), so a recipe can be checked whole before any weights are fetched. The revision is
+    resolved as the client does it (recorded in the cache); offline (`HF_HUB_OFFLINE`), the commit and snapshot
+    cached by an earlier download are used instead.
     """
     repo_id, revision = parse_model_ref(ref, revision)
     if is_local(repo_id):
         return None
+    api = HfApi(token=token)
     with _hub_errors(repo_id, revision):
+        commit = api.resolve_revision(repo_id, revision=revision).resolved
         try:
-            info = HfApi(token=token).model_info(repo_id, revision=revision)
+            files = [sibling.rfilename for sibling in api.model_info(repo_id, revision=commit).siblings or []]
         except OfflineModeIsEnabled:
-            snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, token=token))
-            files = (path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file())
-            return HubListing(repo_id, snapshot.name, frozenset(files))
-    return HubListing(repo_id, info.sha, frozenset(sibling.rfilename for sibling in info.siblings or []))
+            snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(NEEDED_FILE_PATTERNS),
+                                              local_files_only=True, token=token))  # fmt: skip
+            files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    return HubListing(repo_id, commit, frozenset(files))
 
 
 def fetch_config(ref: str, revision: str | None = None, token: str | bool | None = None) -> dict:

@@ -312,3 +312,18 @@ def test_cards_show_a_local_base_by_folder_name_and_link_only_hub_bases(tmp_path
     hub = task_vector_card({"base_model": "org/base@v1", "source": str(tmp_path / "ft")})
     assert "base model\n[org/base@v1](https://huggingface.co/org/base)," in hub.text
     assert "| fine-tuned model | ft (local folder) |" in hub.text and str(tmp_path) not in hub.text
+
+
+def test_offline_merge_of_cached_hub_models_still_works(hub_family, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    online = merge(recipe("org/base", ["org/ft0", "org/ft1"], tmp_path / "online"), progress=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_family.state.requests.clear()
+
+    offline = merge(recipe("org/base", ["org/ft0", "org/ft1"], tmp_path / "offline"), progress=False)
+    assert hub_family.state.requests == []
+    expected = CheckpointReader(online)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in CheckpointReader(offline).items())
+    assert (offline / "merge_config.yaml").read_text() == (online / "merge_config.yaml").read_text().replace(
+        str(tmp_path / "online"), str(tmp_path / "offline"))  # fmt: skip
