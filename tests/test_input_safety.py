@@ -149,7 +149,7 @@ def test_bad_revisions_are_refused_without_a_request(hub_server, family, tmp_pat
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("base_model", "org/na..me", r"^base_model \(not a local folder either\): 'org/na\.\.me' is not a valid Hub repo id"),
+    ("base_model", "org/na..me", r"^base_model \(not a local folder either\): 'org/na\.\.me' is not a valid Hub"),
     ("models", ["org/a--b"], r"^models\[0\]\.model \(not a local folder either\): 'org/a--b' is not a valid Hub repo"),
     ("push_to_hub", "bad//id", r"^push_to_hub\.repo_id: 'bad//id' is not a valid Hub repo id"),
     ("push_to_hub", {"repo_id": "org/x.git"}, r"^push_to_hub\.repo_id: 'org/x\.git' is not a valid Hub repo id"),
@@ -195,8 +195,8 @@ def test_missing_repo_and_repo_without_model_or_vector_fail_before_any_weight_do
     with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Model 'org/missing' is neither a local folder"):
         merge(recipe("org/base", ["org/ft0", "org/missing"], tmp_path / "out"), progress=False)
     upload("org/notes", {"notes.txt": b"no weights here"})
-    with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Hub repo 'org/notes@[0-9a-f]{40}' has no config\.json \(a model\) "
-                                                r"and no task_vector\.safetensors \(a task vector\); files: "
+    with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Hub repo 'org/notes@[0-9a-f]{40}' has no config\.json "
+                                                r"\(a model\) and no task_vector\.safetensors \(a task vector\); files: "
                                                 r"\['\.gitattributes', 'notes\.txt'\]"):  # fmt: skip
         merge(recipe("org/base", ["org/ft0", "org/notes"], tmp_path / "out"), progress=False)
     assert weight_downloads(hub_family.state) == []
@@ -233,7 +233,8 @@ def test_failed_merge_push_reports_the_complete_local_output(hub_server, family,
     assert "\n" not in message and hub_server.token not in message
     assert message.startswith("Upload to Hub repo 'org/merged' failed (")
     assert f"answered HTTP 500: Injected failure of {route}" in message
-    assert f"the merged model in '{out}' is complete; retry with saft_hf.hub.push_folder('{out}', 'org/merged')" in message
+    retry = f"saft_hf.hub.push_folder('{out}', 'org/merged')"
+    assert f"the merged model in '{out}' is complete; retry with {retry}" in message
     assert hub_server.state.injected == [(route, 500)] * tries and len(waits) == tries - 1
     # No partial commit: the repo holds only what the Hub created it with.
     assert hub_server.state.commits_made("org/merged") == []
@@ -252,8 +253,8 @@ def test_failed_task_vector_push_says_nothing_is_kept_locally(hub_server, family
     base_dir, tuned = family
     hub_server.state.fail_next("commit")
     with pytest.raises(PushError, match=r"^Upload to Hub repo 'org/tv' failed \(POST /api/models/org/tv/commit/main "
-                                        r"answered HTTP 500: Injected failure of commit\); the pushed copy was built in "
-                                        r"a temporary folder, now deleted: the task vector is on disk only where "
+                                        r"answered HTTP 500: Injected failure of commit\); the pushed copy was built "
+                                        r"in a temporary folder, now deleted: the task vector is on disk only where "
                                         r"TaskVector\.save\(\) wrote it; retry with push_to_hub\('org/tv'\)$"):  # fmt: skip
         TaskVector.from_models(base_dir, tuned[0]).push_to_hub("org/tv")
     assert hub_server.state.commits_made("org/tv") == []
