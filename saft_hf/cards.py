@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import is_local, parse_model_ref
+from .hub import is_local, parse_model_ref, public_ref
 from .merging.methods import get_method
 
 __all__ = ["finetune_card", "merged_model_card", "redact_secrets", "task_vector_card"]
@@ -96,6 +96,9 @@ def merged_model_card(
 ) -> ModelCard:
     """The card of a merged model.
 
+    Hub inputs are shown by id; local ones by folder name, marked local (`saft_hf.hub.public_ref`), and they are
+    never Hub lineage (`base_model` metadata).
+
     Args:
         recipe: the merge recipe, as written next to the merged weights (`MergeConfig.to_dict()`); its method is
             looked up in the merge-method registry for its summary and paper.
@@ -127,7 +130,7 @@ def merged_model_card(
         sources=[
             {
                 "role": source.get("role", "model"),
-                "model": _cell(source.get("model")),
+                "model": _cell(public_ref(source["model"]) if source.get("model") else None),
                 "revision": _cell(source.get("revision")),
                 "weight": _cell(source.get("weight")),
             }
@@ -147,7 +150,8 @@ def merged_model_card(
 def task_vector_card(metadata: Mapping[str, Any]) -> ModelCard:
     """The card of a task vector folder, from its safetensors metadata (`base_model`, `base_revision`, `task`,
     `finetune_mode`, `sam_mode`, `sam_rho`, `sam_eta`, `saft_hf_version`, `base_fingerprint`, `source`; an optional
-    `repo_id` names it in the usage example)."""
+    `repo_id` names it in the usage example). Local models are shown as `saft_hf.hub.public_ref` shows them, and
+    only a Hub base is linked."""
     metadata = redact_secrets(metadata)
     if not metadata.get("base_model"):
         raise ValueError("Task vector metadata has no 'base_model'.")
@@ -165,14 +169,15 @@ def task_vector_card(metadata: Mapping[str, Any]) -> ModelCard:
         card_data,
         model_id=model_id,
         model_name=Path(model_id).name,
-        base_model=metadata["base_model"],
+        base_model=public_ref(metadata["base_model"]),
+        base_model_id=next(iter(base_models), None),
         task=metadata.get("task"),
         fields=_rows(
             {
-                "base model": metadata["base_model"],
+                "base model": public_ref(metadata["base_model"]),
                 "base revision": metadata.get("base_revision"),
                 "base fingerprint": metadata.get("base_fingerprint"),
-                "fine-tuned model": metadata.get("source"),
+                "fine-tuned model": public_ref(metadata["source"]) if metadata.get("source") else None,
                 "task": metadata.get("task"),
                 "fine-tuning mode": metadata.get("finetune_mode"),
                 "sam_mode": metadata.get("sam_mode"),
@@ -211,7 +216,8 @@ def finetune_card(info: Mapping[str, Any]) -> ModelCard:
         card_data,
         model_id=model_id,
         model_name=Path(model_id).name,
-        base_model=info["base_model"],
+        base_model=public_ref(info["base_model"]),
+        base_model_id=next(iter(base_models), None),
         base_revision=info.get("base_revision"),
         task=info.get("task"),
         dataset=dataset,

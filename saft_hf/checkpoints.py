@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import hub
-from .errors import NonFiniteError, UnsafeOutputError
+from .errors import NonFiniteError, OutsideFolderError, UnsafeOutputError
 
 MODEL_WEIGHTS_NAME = "model"
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
@@ -106,6 +106,18 @@ class ComputedStateDict(LazyStateDict):
         return self._dtype(name)
 
 
+def _check_shard_name(index: Path, tensor: str, shard: object) -> None:
+    """Refuse a shard an index names outside its own folder, judged on the name alone (lexically): a Hub snapshot's
+    files are symlinks into the cache's blobs, so resolving links would say nothing about what the repo named."""
+    if not isinstance(shard, str) or not shard:
+        raise ValueError(f"{index}: weight_map[{tensor!r}] is {shard!r}, expected the name of a shard file")
+    if shard.startswith("/") or "\\" in shard or re.match(r"[A-Za-z]:", shard) or ".." in shard.split("/"):
+        raise OutsideFolderError(
+            f"{index}: names shard {shard!r} (for {tensor!r}), which is not a file inside the index's folder; an index "
+            "may only name relative paths inside its folder, without '..', '\\' or a drive"
+        )
+
+
 class CheckpointReader(LazyStateDict):
     """Lazy view of the weights in a model folder (or a single weight file).
 
@@ -164,6 +176,11 @@ class CheckpointReader(LazyStateDict):
             weight_map = content["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{index}: not a valid checkpoint index ({error})") from error
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map is {type(weight_map).__name__}, expected a mapping of tensor names "
+                             "to shard file names")  # fmt: skip
+        for name, shard in weight_map.items():
+            _check_shard_name(index, name, shard)
         files = sorted({index.parent / name for name in weight_map.values()})
         for file in files:
             if not file.is_file():

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
@@ -19,19 +20,29 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+
+from .errors import OutsideFolderError, PushError
 
 __all__ = [
+    "HubListing",
     "PickleWeightsError",
+    "check_repo_id",
+    "check_revision",
     "check_same_architecture",
     "fetch_config",
     "is_local",
+    "list_hub_files",
     "parse_model_ref",
+    "public_ref",
     "push_folder",
+    "reporting_push_failure",
     "resolve_model",
     "resolved_revision",
 ]
@@ -53,6 +64,13 @@ SHAPE_KEYS = frozenset(
     }
 )  # fmt: skip
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+# What `git check-ref-format` refuses anywhere in a ref name: ASCII control characters, space, ~ ^ : ? * [ \ and
+# the sequences `..` and `@{`. The client builds cache paths from revisions, so `..` could leave its cache.
+_REVISION_BAD_TEXT = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{")
+LOCAL_MARKER = " (local folder)"
+# An absolute or home-relative path inside a longer label, such as the source `(/home/me/a + 0.5*/home/me/b)` of a
+# combined task vector: it runs up to whitespace or a parenthesis.
+_PATH_IN_LABEL = re.compile(r"(?:^|(?<=[\s(*]))(?:~|/|[A-Za-z]:[\\/])[^\s()]*")
 
 
 class PickleWeightsError(ValueError):
@@ -66,21 +84,81 @@ def is_local(ref: str) -> bool:
     return _HUB_ID.fullmatch(ref.partition("@")[0]) is None
 
 
-def parse_model_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+def check_revision(revision: str, where: str) -> str:
+    """`revision` if git would accept it as a ref name (`git check-ref-format` rules), else `OutsideFolderError`
+    naming `where`: the client turns revisions into cache paths, so `..` or `a/../../x` could write outside it."""
+    if not isinstance(revision, str):
+        raise ValueError(f"{where}: expected a branch, tag or commit sha, got {revision!r}")
+    components = revision.split("/")
+    if not revision:
+        problem = "it is empty"
+    elif (bad := _REVISION_BAD_TEXT.search(revision)) is not None:
+        problem = f"it contains {bad.group()!r}"
+    elif revision == "@":
+        problem = "it is '@'"
+    elif revision.endswith("."):
+        problem = "it ends with '.'"
+    elif "" in components:
+        problem = "it starts or ends with '/' or contains '//'"
+    elif any(part.startswith(".") or part.endswith(".lock") for part in components):
+        problem = "a '/'-separated part starts with '.' or ends with '.lock'"
+    else:
+        return revision
+    raise OutsideFolderError(
+        f"{where}: revision {revision!r} is not a valid git branch, tag or commit name ({problem}); use a branch, "
+        "tag or commit sha of the repo"
+    )
+
+
+def check_repo_id(repo_id: str, where: str) -> str:
+    """`repo_id` if it is a valid Hub repo id (`name` or `namespace/name`, the client's `validate_repo_id` rules),
+    else `ValueError` naming `where`, before any request is made."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{where}: {repo_id!r} is not a valid Hub repo id ({error})") from error
+    return repo_id
+
+
+def parse_model_ref(ref: str, revision: str | None = None, *, where: str | None = None) -> tuple[str, str | None]:
     """Split `org/name@rev` into `("org/name", "rev")`; local paths are returned whole, with `revision`.
 
-    A revision given both ways must agree.
+    A revision given both ways must agree. The repo id and revision are validated (see `check_repo_id`,
+    `check_revision`) before anything is asked of the Hub; errors name `where` (a recipe field such as
+    `models[1].model`), or the reference.
     """
+    where = where or f"model reference '{ref}'"
+    if revision is not None:
+        check_revision(revision, where)
     if is_local(ref):
         return ref, revision
     repo_id, at, ref_revision = ref.partition("@")
+    check_repo_id(repo_id, f"{where} (not a local folder either)")
     if not at:
         return repo_id, revision
     if not ref_revision:
-        raise ValueError(f"Model reference '{ref}' has an empty revision after '@'.")
+        raise ValueError(f"{where}: '{ref}' has an empty revision after '@'.")
+    check_revision(ref_revision, where)
     if revision is not None and revision != ref_revision:
-        raise ValueError(f"Model reference '{ref}' pins revision '{ref_revision}' but revision='{revision}' was given.")
+        raise ValueError(f"{where}: '{ref}' pins revision '{ref_revision}' but revision='{revision}' was given.")
     return repo_id, ref_revision
+
+
+def public_ref(ref: str) -> str:
+    """How a model reference is shown where others read it (pushed cards, recipes and task-vector metadata).
+
+    A Hub id (with its `@revision`) is shown as it is. A local path is shown as its folder name followed by
+    `" (local folder)"` (`/home/me/runs/eurosat_ft` -> `eurosat_ft (local folder)`): an absolute path would leak
+    a user name and folder layout, and a bare folder name could be mistaken for a Hub id. In a longer label (a
+    description, or the source `(a + b)` of a combined task vector) each absolute or home-relative path is
+    replaced that way. The result never changes when applied again.
+    """
+    if not is_local(ref):
+        return ref
+    path = Path(ref).expanduser()
+    if path.exists() or not re.search(r"[\s()*]", ref):
+        return f"{path.name or path.resolve().name}{LOCAL_MARKER}"
+    return _PATH_IN_LABEL.sub(lambda match: public_ref(match.group()), ref)
 
 
 def _describe(repo_id: str, revision: str | None) -> str:
@@ -124,6 +202,38 @@ def resolved_revision(ref: str, revision: str | None = None, token: str | bool |
         return None
     with _hub_errors(repo_id, revision):
         return HfApi(token=token).resolve_revision(repo_id, revision=revision).resolved
+
+
+@dataclass(frozen=True)
+class HubListing:
+    """A Hub repo at one commit: what a reference resolves to, known without downloading any file."""
+
+    repo_id: str
+    commit: str  # the commit sha the revision resolved to
+    files: frozenset[str]
+
+
+def list_hub_files(ref: str, revision: str | None = None, token: str | bool | None = None) -> HubListing | None:
+    """The commit a Hub reference resolves to and the repo's files there (None for a local folder).
+
+    No file is downloaded; it raises `FileNotFoundError` naming the repo or revision when either does not exist
+    (a commit sha included), so a recipe can be checked whole before any weights are fetched. The revision is
+    resolved as the client does it (recorded in the cache); offline (`HF_HUB_OFFLINE`), the commit and snapshot
+    cached by an earlier download are used instead.
+    """
+    repo_id, revision = parse_model_ref(ref, revision)
+    if is_local(repo_id):
+        return None
+    api = HfApi(token=token)
+    with _hub_errors(repo_id, revision):
+        commit = api.resolve_revision(repo_id, revision=revision).resolved
+        try:
+            files = [sibling.rfilename for sibling in api.model_info(repo_id, revision=commit).siblings or []]
+        except OfflineModeIsEnabled:
+            snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(NEEDED_FILE_PATTERNS),
+                                              local_files_only=True, token=token))  # fmt: skip
+            files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    return HubListing(repo_id, commit, frozenset(files))
 
 
 def fetch_config(ref: str, revision: str | None = None, token: str | bool | None = None) -> dict:
@@ -304,6 +414,9 @@ def push_folder(
     Raises:
         PermissionError: `private=True` but the repo already exists and is public.
     """
+    check_repo_id(repo_id, "repo_id")
+    if revision is not None:
+        check_revision(revision, "revision")
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Folder to push '{folder}' does not exist.")
@@ -323,3 +436,27 @@ def push_folder(
         operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in local_files]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     return commit.oid
+
+
+def _failure(error: BaseException) -> str:
+    """What failed, in one line: the request and the server's answer (never headers, so never a token)."""
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        request = error.response.request
+        answer = error.server_message or error.response.reason_phrase
+        text = f"{request.method} {request.url.path} answered HTTP {error.response.status_code}: {answer}"
+    elif error.__cause__ is not None:  # the client wraps a failed LFS upload in a RuntimeError naming the file
+        text = f"{str(error).rstrip('.')}: {_failure(error.__cause__)}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
+
+
+@contextmanager
+def reporting_push_failure(repo_id: str, local_output: str) -> Iterator[None]:
+    """Turn any failure of an upload into a one-line `PushError`: what failed, then `local_output` (where the
+    complete local output is, and how to retry). The upload is the last step, so whatever went wrong, the user
+    must learn that the local output is complete; the original error stays chained (shown with --debug)."""
+    try:
+        yield
+    except Exception as error:
+        raise PushError(f"Upload to Hub repo '{repo_id}' failed ({_failure(error)}); {local_output}") from error

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -232,15 +232,31 @@ class TaskVector(LazyStateDict):
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
                     commit_message: str | None = None, revision: str | None = None,
                     max_shard_size: int | str = "2GB") -> str:  # fmt: skip
-        """Upload the weights and a model card to ``repo_id`` in one commit; return the commit sha."""
-        from .cards import task_vector_card
-        from .hub import push_folder
+        """Upload the weights and a model card to ``repo_id`` in one commit; return the commit sha.
 
+        The pushed copy names local models by folder (:func:`saft_hf.hub.public_ref`) in its metadata and card,
+        never by absolute path. It is built in a temporary folder: when the upload fails, ``PushError`` says so,
+        and the vector is on disk only where :meth:`save` put it.
+        """
+        from .cards import task_vector_card
+        from .hub import check_repo_id, check_revision, public_ref, push_folder, reporting_push_failure
+
+        check_repo_id(repo_id, "repo_id")
+        if revision is not None:
+            check_revision(revision, "revision")
+        shown = {key: public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
+        pushed = TaskVector(self, {**self.metadata, **shown}, self.tied_weights)
         with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:
-            folder = self.save(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
-            task_vector_card({**self.metadata, "repo_id": repo_id}).save(folder / "README.md")
+            folder = pushed.save(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
+            task_vector_card({**pushed.metadata, "repo_id": repo_id}).save(folder / "README.md")
             message = commit_message or f"Upload task vector {self.task or ''}".strip()
-            return push_folder(folder, repo_id, private=private, commit_message=message, token=token, revision=revision)
+            local_output = (
+                "the pushed copy was built in a temporary folder, now deleted: the task vector is on disk only where "
+                f"TaskVector.save() wrote it; retry with push_to_hub('{repo_id}')"
+            )
+            with reporting_push_failure(repo_id, local_output):
+                return push_folder(folder, repo_id, private=private, commit_message=message, token=token,
+                                   revision=revision)  # fmt: skip
 
     # ---- arithmetic ----------------------------------------------------------------------------------------
     def _combine(self, other: TaskVector, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -430,12 +446,15 @@ def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, 
     }
 
 
+def is_task_vector_listing(files: Collection[str]) -> bool:
+    """Whether a folder (or Hub repo) with these files holds a saved task vector: its weights, and no model config."""
+    return "config.json" not in files and any(name in files for name in _WEIGHT_FILES)
+
+
 def is_task_vector_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a saved task vector (and no model config)."""
     folder = Path(folder)
-    if not folder.is_dir() or (folder / "config.json").is_file():
-        return False
-    return any((folder / name).is_file() for name in _WEIGHT_FILES)
+    return folder.is_dir() and is_task_vector_listing({path.name for path in folder.iterdir() if path.is_file()})
 
 
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------
@@ -563,4 +582,4 @@ def _replacement_delta(base: Mapping[str, torch.Tensor], name: str, tensors: Map
     return compute
 
 
-__all__ = ["TASK_VECTOR_FORMAT", "TaskVector", "is_task_vector_folder"]
+__all__ = ["TASK_VECTOR_FORMAT", "TaskVector", "is_task_vector_folder", "is_task_vector_listing"]

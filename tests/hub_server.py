@@ -16,6 +16,7 @@ The "CDN" is the same server reached as `localhost` instead of `127.0.0.1`: anot
 it as the real Hub's CDN (metadata taken from the 302, no `Authorization` header sent there).
 Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) as the Hub does.
 Writes need the server's token; private repos are invisible (404 `RepoNotFound`) without it.
+`HubState.fail_next(route, count)` makes the next requests to a route answer 500, to test failing uploads.
 """
 
 from __future__ import annotations
@@ -147,9 +148,17 @@ class HubState:
         self.lfs_objects: dict[str, bytes] = {}  # uploaded (not necessarily committed) LFS objects by sha256
         self.requests: list[LoggedRequest] = []
         self.commit_log: list[tuple[str, str]] = []  # (repo_id, commit oid) for each commit made by a client
+        self.faults: dict[str, list[int]] = {}  # route -> statuses the next requests to it answer with
+        self.injected: list[tuple[str, int]] = []  # (route, status) of every injected failure served
         self._counter = itertools.count()
 
     # --- helpers for tests ---------------------------------------------------------------------------------------
+    def fail_next(self, route: str, count: int = 1, status: int = 500) -> None:
+        """Make the next `count` requests to `route` (a handler name: "commit", "preupload", "lfs_batch",
+        "lfs_put" ...) answer `status` with an error message, before the handler runs (nothing is stored)."""
+        with self.lock:
+            self.faults.setdefault(route, []).extend([status] * count)
+
     def commits_made(self, repo_id: str) -> list[str]:
         """Commit oids created through the commit endpoint (the Hub's initial `.gitattributes` commit excluded)."""
         return [oid for repo, oid in self.commit_log if repo == repo_id]
@@ -248,6 +257,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
                     with state.lock:
                         state.requests.append(LoggedRequest(method, handler.__name__, params, query))
+                        if state.faults.get(handler.__name__):
+                            status = state.faults[handler.__name__].pop(0)
+                            state.injected.append((handler.__name__, status))
+                            raise HubError(status, f"Injected failure of {handler.__name__}")
                         response = handler(body=body, query=query, **params)
                     break
             else:
@@ -568,6 +581,18 @@ class LocalHub:
     @property
     def cache_dir(self) -> Path:
         return self.home / "hub"
+
+
+def instant_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make the client's retries of 5xx answers (`http_backoff`: 1 try + 5 retries, waiting 1 s, 2 s ... 8 s)
+    immediate; the waits it asked for are recorded in the returned list."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import _http
+
+    waits: list[float] = []
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=waits.append))
+    return waits
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,10 @@ def test_merged_card_of_local_inputs_has_no_hub_lineage(tmp_path):
     card = ModelCard(str(merged_model_card(local, [{"model": str(tmp_path), "role": "base"}])))
 
     assert card.data.base_model is None and card.data.to_dict().get("base_model_relation") is None
-    assert body_table(card, "| role | model | revision | weight |") == [["base", str(tmp_path), "—", "—"]]
+    # A local input is shown by folder name, marked local: never its absolute path, never as a Hub id.
+    assert body_table(card, "| role | model | revision | weight |") == [["base", f"{tmp_path.name} (local folder)",
+                                                                         "—", "—"]]  # fmt: skip
+    assert str(tmp_path) not in card.text.split("## Recipe")[0]
     assert "## Coefficient search" not in card.text and "Per-tensor overrides" not in card.text
     assert 'from_pretrained("merged/clip-ties")' in card.text
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .. import hub
 from ..checkpoints import parse_size
 from .methods import get_method
 
@@ -107,6 +108,12 @@ class MergeConfig:
         self.models = [
             m if isinstance(m, ModelSpec) else ModelSpec.from_any(m, f"models[{i}]") for i, m in enumerate(self.models)
         ]
+        # Repo ids and revisions are checked here, so a bad one fails before anything is downloaded or written.
+        hub.parse_model_ref(self.base_model, where="base_model")
+        for index, model in enumerate(self.models):
+            if model.revision is not None:
+                hub.check_revision(model.revision, f"models[{index}].revision")
+            hub.parse_model_ref(model.model, model.revision, where=f"models[{index}].model")
         if not isinstance(self.method, str):
             raise ValueError(f"method: expected a method name, got {self.method!r}")
         method = get_method(self.method)
@@ -140,6 +147,8 @@ class MergeConfig:
             self.push_to_hub = PushToHub(**self.push_to_hub)
         elif self.push_to_hub is not None and not isinstance(self.push_to_hub, PushToHub):
             raise ValueError(f"push_to_hub: expected {{repo_id, private}} or null, got {self.push_to_hub!r}")
+        if self.push_to_hub is not None:
+            hub.check_repo_id(self.push_to_hub.repo_id, "push_to_hub.repo_id")
 
     def _tensor_parameters(self, entry: Any, index: int) -> TensorParameters:
         where = f"tensor_parameters[{index}]"

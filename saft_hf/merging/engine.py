@@ -46,7 +46,7 @@ from ..checkpoints import (
     tensor_dtype,
     tensor_shape,
 )
-from ..task_vectors import TaskVector, is_task_vector_folder
+from ..task_vectors import TaskVector, is_task_vector_folder, is_task_vector_listing
 from .config import MergeConfig
 from .methods import get_method
 
@@ -97,45 +97,55 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
 class MergePlan:
     """A validated merge with its inputs resolved and open (memory-mapped), ready to stream merged tensors.
 
-    Construction does all checks that need no tensor data: architectures (from configs, before any download),
-    then names, shapes, task vector fingerprints and coverage. Errors name the input and tensor.
+    Construction does all checks that need no tensor data, the whole recipe before the first weight download:
+    every Hub reference must exist at its revision (each is pinned to the commit it resolves to, one API call, no
+    download), a Hub input without config.json must hold a task vector, and the configs must agree. Then the
+    weights are opened and names, shapes, task vector fingerprints and coverage checked. Errors name the input
+    and tensor.
     """
 
     def __init__(self, config: MergeConfig, *, token: str | bool | None = None):
         self.config = config
         self.method = get_method(config.method)
         self.token = token
-        is_vector = [self._is_task_vector(spec.model, spec.revision) for spec in config.models]
-        models = [spec for spec, vector in zip(config.models, is_vector) if not vector]
-        hub.check_same_architecture(config.base_model, [m.model for m in models], [m.revision for m in models], token)
-        self.base = open_model_weights(config.base_model, allow_pickle=config.allow_pickle, token=token)
-        if is_task_vector_folder(self.base.folder):
+        base_model, base_revision, base_is_vector = self._locate("base_model", config.base_model, None)
+        if base_is_vector:
             raise ValueError(f"base_model: {config.base_model} is a task vector, not a model")
-        self.inputs = [
-            self._open_input(index, spec, vector) for index, (spec, vector) in enumerate(zip(config.models, is_vector))
-        ]
+        located = [self._locate(f"models[{i}]", spec.model, spec.revision) for i, spec in enumerate(config.models)]
+        models = [(ref, revision) for ref, revision, is_vector in located if not is_vector]
+        hub.check_same_architecture(base_model, [ref for ref, _ in models], [revision for _, revision in models], token)
+        self.base = open_model_weights(base_model, base_revision, allow_pickle=config.allow_pickle, token=token)
+        self.inputs = [self._open_input(i, spec, *where) for i, (spec, where) in enumerate(zip(config.models, located))]
         self.merged_names = self._common_coverage()
         self.base_ties = self.inputs[0].alignment.base_ties
         self.weights = [spec.weight for spec in config.models]
 
-    def _is_task_vector(self, ref: str, revision: str | None) -> bool:
-        if hub.is_local(ref):
-            return is_task_vector_folder(Path(ref).expanduser())
-        try:  # a Hub task vector has no config.json; a Hub model without one is reported when it is downloaded
-            hub.fetch_config(ref, revision, token=self.token)
-        except FileNotFoundError:
-            return True
-        return False
+    def _locate(self, field: str, ref: str, revision: str | None) -> tuple[str, str | None, bool]:
+        """``(ref, revision, is_task_vector)`` to open an input with, asking the Hub one listing and downloading
+        nothing: a Hub reference is pinned to the commit its revision resolves to now (every later download reads
+        that commit), and it is a task vector when it has task vector weights and no config.json (a repo with
+        neither is refused); a local folder is taken as it is."""
+        try:
+            listing = hub.list_hub_files(ref, revision, token=self.token)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{field}: {error}") from error
+        if listing is None:
+            return ref, revision, is_task_vector_folder(Path(ref).expanduser())
+        if hub.CONFIG_NAME not in listing.files and not is_task_vector_listing(listing.files):
+            raise FileNotFoundError(
+                f"{field}: Hub repo '{listing.repo_id}@{listing.commit}' has no {hub.CONFIG_NAME} (a model) and no "
+                f"task_vector.safetensors (a task vector); files: {sorted(listing.files)}"
+            )
+        return listing.repo_id, listing.commit, is_task_vector_listing(listing.files)
 
-    def _open_input(self, index: int, spec, is_vector: bool) -> _Input:
+    def _open_input(self, index: int, spec, ref: str, revision: str | None, is_vector: bool) -> _Input:
         label = f"models[{index}] ({spec.model})"
         if not is_vector:
-            weights = open_model_weights(spec.model, spec.revision, allow_pickle=self.config.allow_pickle,
-                                         token=self.token)  # fmt: skip
+            weights = open_model_weights(ref, revision, allow_pickle=self.config.allow_pickle, token=self.token)
             return _Input(label, weights, align_models(self.base, weights, other_label=label))
-        folder = hub.resolve_model(spec.model, spec.revision, token=self.token)
+        folder = hub.resolve_model(ref, revision, token=self.token)
         vector = TaskVector.load(folder)
-        weights = ModelWeights(vector, spec.model, hub.resolved_revision(spec.model, spec.revision, self.token), folder)
+        weights = ModelWeights(vector, spec.model, hub.resolved_revision(ref, revision, self.token), folder)
         alignment = vector.alignment_with(self.base, label=f"base for {label}")
         vector.check_base(self.base.tensors, label=f"{label}: its base", alignment=alignment,
                           allow_other_base=self.config.allow_other_base)  # fmt: skip
@@ -213,24 +223,43 @@ class MergePlan:
             else:
                 yield name, self._to_output(name, self._base_tensor(name))
 
+    def _shown(self, ref: str) -> str:
+        """A local reference as the recipe and card of this merge show it: as written, unless the merge is pushed,
+        then as :func:`saft_hf.hub.public_ref` shows it (folder name and a local marker, no absolute path)."""
+        return ref if self.config.push_to_hub is None else hub.public_ref(ref)
+
     def recorded_recipe(self, parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The recipe as run: Hub references pinned to the commits they resolved to."""
+        """The recipe as run: Hub references pinned to the commits they resolved to.
+
+        Not pushed, local inputs and ``output_dir`` stay as the user wrote them, so the recipe re-runs here. With
+        ``push_to_hub`` the recipe is public: each local input becomes ``"<folder name> (local folder)"`` (see
+        :func:`saft_hf.hub.public_ref`; re-running it then fails naming that input, which the reader must supply)
+        and ``output_dir`` its last folder name, a relative path.
+        """
         recipe = self.config.to_dict()
         if parameters is not None:
             recipe["parameters"] = dict(parameters)
         if self.base.revision is not None:
             recipe["base_model"] = f"{hub.parse_model_ref(self.config.base_model)[0]}@{self.base.revision}"
+        else:
+            recipe["base_model"] = self._shown(recipe["base_model"])
         for entry, item in zip(recipe["models"], self.inputs):
             if item.weights.revision is not None:
                 entry["model"] = hub.parse_model_ref(entry["model"])[0]
                 entry["revision"] = item.weights.revision
+            else:
+                entry["model"] = self._shown(entry["model"])
+        if self.config.push_to_hub is not None and recipe.get("output_dir"):
+            recipe["output_dir"] = Path(recipe["output_dir"]).expanduser().resolve().name
         return recipe
 
     def sources(self) -> list[dict[str, Any]]:
-        base_id = hub.parse_model_ref(self.config.base_model)[0]
+        """``{"model", "revision", "weight"}`` per input, the base first with ``"role": "base"`` (for the card);
+        local models as :meth:`recorded_recipe` shows them."""
+        base_id = self._shown(hub.parse_model_ref(self.config.base_model)[0])
         sources = [{"model": base_id, "revision": self.base.revision, "weight": None, "role": "base"}]
         for spec, item in zip(self.config.models, self.inputs):
-            model = hub.parse_model_ref(spec.model, spec.revision)[0]
+            model = self._shown(hub.parse_model_ref(spec.model, spec.revision)[0])
             sources.append({"model": model, "revision": item.weights.revision, "weight": spec.weight})
         return sources
 
@@ -280,8 +309,11 @@ def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, 
 
         merged_model_card(recipe, plan.sources(), search_table).save(staging / "README.md")
     if config.push_to_hub is not None:
-        hub.push_folder(output_dir, config.push_to_hub.repo_id, private=config.push_to_hub.private,
-                        commit_message=f"Merge with saft_hf ({config.method})", token=plan.token)  # fmt: skip
+        repo_id, private = config.push_to_hub.repo_id, config.push_to_hub.private
+        retry = f"saft_hf.hub.push_folder('{output_dir}', '{repo_id}'{', private=True' if private else ''})"
+        with hub.reporting_push_failure(repo_id, f"the merged model in '{output_dir}' is complete; retry with {retry}"):
+            hub.push_folder(output_dir, repo_id, private=private, token=plan.token,
+                            commit_message=f"Merge with saft_hf ({config.method})")  # fmt: skip
     return output_dir
 
 
