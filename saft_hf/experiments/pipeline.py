@@ -24,6 +24,7 @@ stage record, so a redone model is never scored from a stale entry. Layout under
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -163,9 +164,10 @@ def _differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
         if old == new:
             continue
         if isinstance(old, list) and isinstance(new, list):  # command lines: name the tokens that differ
-            removed = [item for item in old if item not in new]
-            added = [item for item in new if item not in old]
-            parts.append(f"{name}: {' '.join(map(str, removed)) or '-'} -> {' '.join(map(str, added)) or '-'}")
+            matcher = difflib.SequenceMatcher(a=list(map(str, old)), b=list(map(str, new)), autojunk=False)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+                if tag != "equal":
+                    parts.append(f"{name}: {' '.join(matcher.a[i1:i2]) or '-'} -> {' '.join(matcher.b[j1:j2]) or '-'}")
         else:
             parts.append(f"{name}: {old!r} -> {new!r}")
     return "; ".join(parts)
