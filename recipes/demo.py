@@ -87,17 +87,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.grid_points:
         first = Path(results[0].output_dir)
         pair = HEATMAP_TASKS if set(HEATMAP_TASKS) <= set(template.tasks) else template.tasks[:2]
-        flags = [item for family in template.families
-                 for item in ("--family", family.name, *(str(first / "task_vectors" / family.name / t) for t in pair))]  # fmt: skip
+        flags = [item for family in template.families for item in
+                 ("--family", family.name, *(str(first / "task_vectors" / family.name / task) for task in pair))]
         summary = analyze.main(["--base", str(first / "pretrained"), "--tasks", *pair, *flags,
                                 "--analyses", "disentanglement", "--output-dir", str(output_dir / "analysis"),
-                                "--max-examples", str(args.heatmap_examples), "--grid-points", str(args.grid_points)])  # fmt: skip
+                                "--max-examples", str(args.heatmap_examples),
+                                "--grid-points", str(args.grid_points)])  # fmt: skip
         heatmaps = [str(output_dir / "analysis" / name) for name in summary["disentanglement"]["figures"]]
 
     wall = time.perf_counter() - started
     command = "python recipes/demo.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    study = write_study(output_dir, rows, results, baseline=args.baseline,
-                        extra={"command": command.strip(), "wall_time_seconds": wall, "heatmaps": heatmaps})  # fmt: skip
+    extra = {"command": command.strip(), "wall_time_seconds": wall, "heatmaps": heatmaps}
+    study = write_study(output_dir, rows, results, baseline=args.baseline, extra=extra)
     print()
     print(study["table_markdown"])
     print("Verdicts (95% Student t intervals over seeds, paired with the baseline on the same seed):")

@@ -125,3 +125,22 @@ def test_write_study_writes_table_summary_and_figures(seeds, tmp_path):
     assert {"merged_mean", "merged_low", "merged_high", "difference_wins", "notes"} <= set(header)
     for name in ("study_merged.png", "study_cost_gain.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_demo_section_is_generated_from_the_committed_study_summary():
+    from pathlib import Path
+
+    from saft_hf.experiments.study import README_HEADING, readme_section
+
+    repo = Path(__file__).resolve().parents[1]
+    path = "recipes/results/demo_study/study_summary.json"
+    summary = json.loads((repo / path).read_text())
+    readme = (repo / "README.md").read_text()
+    start = readme.index(README_HEADING)
+    end = readme.index("\n## ", start + 1) + 1
+    assert readme[start:end] == readme_section(summary, path)
+    # The headline the README repeats is computed from the committed per-seed differences.
+    headline = next(r for r in summary["rows"] if (r["method"], r["family"]) == ("task_arithmetic", "saft"))
+    differences = list(headline["difference"]["per_seed"].values())
+    assert headline["difference"]["mean"] == pytest.approx(sum(differences) / len(differences))
+    assert headline["difference"]["wins"] == sum(d > 0 for d in differences)

@@ -31,7 +31,6 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from ..checkpoints import atomic_output_dir
 from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_splits, make_digits_task, register_task
 from ..evaluation import classification_metrics
-from ..testing import build_tiny_clip
 from .config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -125,6 +124,8 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
                        ", ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in settings.items()
                                  if recorded.get(k) != v))  # fmt: skip
         shutil.rmtree(output_dir)
+    from ..testing import build_tiny_clip  # here, not at import: it warns about torchvision before a quiet console
+
     register_demo_tasks()
     task = get_task(PRETRAINING_TASK)
     clip, tokenizer, processor = build_tiny_clip(seed)

@@ -108,8 +108,8 @@ def run_seed(setup: SeedSetup, seed: int, finetune_fn: FinetuneFn, events: Any =
     config = setup(seed)
     if report is not None:
         report(f"seed {seed}: prepared")
-    result = run_experiment(config, finetune_fn, quiet=True,
-                            on_stage=None if report is None else lambda stage: report(f"seed {seed}: {stage}"))  # fmt: skip
+    on_stage = None if report is None else lambda stage: report(f"seed {seed}: {stage}")
+    result = run_experiment(config, finetune_fn, quiet=True, on_stage=on_stage)
     return SeedResult(seed, result.scores, training_seconds(config), str(config.output_path))
 
 
@@ -206,7 +206,8 @@ def decision(difference: PairedDifference, effect: float = DEFAULT_EFFECT) -> st
     if interval.high < 0:
         return "worse (interval below 0)"
     if interval.half_width > effect:
-        return f"undecided: the interval spans 0 and is too wide (±{interval.half_width:.1f} pp) to detect {effect:g} pp"
+        width = interval.half_width
+        return f"undecided: the interval spans 0 and is too wide (±{width:.1f} pp) to detect {effect:g} pp"
     return f"no difference detected: the interval spans 0 (±{interval.half_width:.1f} pp)"
 
 
@@ -311,6 +312,50 @@ def write_study(folder: Path, rows: Sequence[StudyRow], seeds: Sequence[SeedResu
     return summary
 
 
+README_HEADING = "## What the demo shows (and does not)"
+
+
+def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
+    """The README section reporting a committed study run, generated from its JSON summary (never typed by hand):
+    the command, machine and seeds, the table, the verdicts, and what the intervals do and do not support."""
+    rows = [r for r in summary["rows"] if r["difference"] is not None and r["method"] != FINETUNED]
+    kinds = {"better": 0, "worse": 0, "undecided": 0}
+    for row in rows:
+        low, high = row["difference"]["low"], row["difference"]["high"]
+        kinds["better" if low > 0 else "worse" if high < 0 else "undecided"] += 1
+    widths = [row["difference"]["half_width"] for row in rows]
+    finetuned = [r for r in summary["rows"] if r["method"] == FINETUNED and r["finetuned_difference"] is not None]
+    machine = summary["machine"]
+    lines = [
+        README_HEADING, "",
+        f"Generated from `{summary_path}`, the summary of `{summary['command']}` (`make demo`'s settings) on "
+        f"{machine['cpus']} CPU cores ({machine['platform']}), seeds {summary['seeds'][0]}-{summary['seeds'][-1]}, "
+        f"{summary['wall_time_seconds']:.0f} s wall time (load average at the end "
+        f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}). Each seed pre-trains its own tiny CLIP, "
+        "fine-tunes the four digit tasks with plain fine-tuning (`sgd`) and SAFT (`saft`, ASAM rho 0.5) for the same "
+        "300 steps, merges each family and scores the merges on the test splits. Intervals: "
+        f"{summary['interval']}; Δ is SAFT minus plain on the same seed, averaged over the four tasks.", "",
+        summary["table_markdown"].replace("### ", "**", 1).replace("\n", "**\n", 1),
+        *[f"- {sentence}" for sentence in summary["verdicts"]], "",
+        f"What the intervals support: of {len(rows)} merge comparisons, SAFT is better in {kinds['better']}, worse in "
+        f"{kinds['worse']} and undecided in {kinds['undecided']} (the interval spans 0); the paired intervals are "
+        f"±{min(widths):.1f} to ±{max(widths):.1f} pp wide, against an effect of about "
+        f"{summary['effect_sought_pp']:g} pp to detect (the paper's +1.2 pp for task arithmetic on ViT-B/32).",
+    ]  # fmt: skip
+    for row in finetuned:
+        d = row["finetuned_difference"]
+        lines[-1] += (f" The fine-tunes themselves differ by {d['mean']:+.2f} pp [{d['low']:+.2f}, {d['high']:+.2f}] "
+                      f"({row['family']} - {summary['baseline']})"
+                      + (", flagged: the merges do not test the claim." if row["notes"] else
+                         ", within the one-point parity margin, so the merges compare experts of similar accuracy."))
+    lines += ["", "What it does not show: this is a tiny CLIP on 8x8 digits, not the paper's ViT-B/32 or Flan-T5; an "
+              "interval that spans 0 is no evidence of no effect, only that these seeds cannot tell; "
+              "`python recipes/demo.py --seeds 10 --config recipes/configs/demo_experiment_study.yaml` adds SAM, "
+              "smaller rho and `sam_interval` 4 and more seeds (several times longer); the paper's numbers need "
+              "`recipes/vision8.py` and `recipes/glue_t2t.py` on a GPU.", ""]
+    return "\n".join(lines)
+
+
 def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[Path]:
     """`study_merged.png` (per merge: each family's merged accuracy and its paired difference to the baseline, with
     95% error bars) and `study_cost_gain.png` (the headline merge's gain over the baseline against fine-tuning
@@ -369,8 +414,10 @@ __all__ = [
     "SeedResult",
     "SeedSetup",
     "StudyRow",
+    "README_HEADING",
     "decision",
     "quiet_console",
+    "readme_section",
     "run_seed",
     "run_seeds",
     "summarize",
