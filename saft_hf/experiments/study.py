@@ -375,12 +375,14 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
         x = [labels.index(label) + (index - (len(families) - 1) / 2) * width for label in chosen]
         for axis, get in ((left, lambda r: r.merged), (right, lambda r: r.difference and r.difference.interval)):
             points = [(xi, get(r)) for xi, r in zip(x, chosen.values()) if get(r)]
-            if points:
+            if points:  # one colour per family in both panels (the baseline has no difference to draw)
                 means = [i.mean for _, i in points]
                 errors = [0.0 if math.isnan(i.low) else i.half_width for _, i in points]
-                axis.errorbar([p for p, _ in points], means, yerr=errors, fmt="o", capsize=3, label=family)
+                axis.errorbar([p for p, _ in points], means, yerr=errors, fmt="o", capsize=3, label=family,
+                              color=f"C{index}")  # fmt: skip
     for axis, ylabel in ((left, "merged test accuracy (%)"), (right, f"paired difference to {baseline} (pp)")):
         axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        axis.set_xlim(-0.5, len(labels) - 0.5)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     right.axhline(0.0, color="black", linewidth=0.8)
