@@ -326,3 +326,53 @@ def test_recipe_overrides_apply_on_top_of_the_config():
     argv = finetune_argv(config, config.families[0], "rte", Path("/tmp/x/run"))
     assert argv[-4:] == ["--max_steps", "3", "--learning_rate", "1e-3"]
     assert argv[argv.index("--dataset_path") + 1] == "/data/rte" and config.output_dir == "/tmp/x"
+
+
+# ---- resumable by content ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog):
+    from saft_hf.experiments.demo import pretrain_tiny_clip, register_demo_tasks
+    from saft_hf.experiments.pipeline import run_experiment
+
+    register_demo_tasks()
+    base = pretrain_tiny_clip(tmp_path / "pretrained", max_steps=2, batch_size=16)
+    finetune = import_recipe("finetune")
+    calls = []
+
+    def counting_finetune(argv):
+        calls.append(argv[argv.index("--output_dir") + 1])
+        finetune.main(argv)
+
+    def experiment(saft_flags):
+        config = ExperimentConfig(
+            base_model=str(base), tasks=["demo_parity", "demo_small_large"], output_dir=str(tmp_path / "out"),
+            families=[Family("sgd", sam_mode="none"), Family("saft", sam_mode="asam", finetune_args=saft_flags)],
+            finetune_args=TINY_FINETUNE.split(), merge_methods=["task_arithmetic"], fixed_alpha=None,
+            search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}}, eval_max_samples=32,
+        )  # fmt: skip
+        return run_experiment(config, counting_finetune, quiet=True)
+
+    experiment(["--learning_rate", "3e-3"])
+    assert len(calls) == 4
+    out = tmp_path / "out"
+    stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*.safetensors")}
+
+    calls.clear()
+    experiment(["--learning_rate", "3e-3"])  # same settings: nothing is redone
+    assert calls == [] and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
+
+    calls.clear()
+    again = experiment(["--learning_rate", "1e-2"])  # one family's settings change
+    assert sorted(Path(c).relative_to(out).as_posix() for c in calls) == ["finetuned/saft/demo_parity",
+                                                                         "finetuned/saft/demo_small_large"]
+    assert "demo_parity was made with other settings (argv: 3e-3 -> 1e-2): redoing it" in caplog.text
+    changed = {path.relative_to(out).parts[:2] for path, stamp in stamps.items() if path.stat().st_mtime_ns != stamp}
+    # The changed fine-tunes and everything built on them (task vectors, merges) were redone; sgd's were reused.
+    assert changed == {("finetuned", "saft"), ("task_vectors", "saft"), ("merged", "saft")}
+    # Scores follow the redone models, not the cache entries of the old ones.
+    saft = {s.task: s.accuracy for s in again.scores if (s.family, s.method) == ("saft", FINETUNED)}
+    for task, accuracy in saft.items():
+        direct = evaluate_model(out / "finetuned" / "saft" / task, task, "test", max_samples=32, progress=False)
+        assert accuracy == direct["accuracy"]

@@ -6,10 +6,15 @@ For every family (e.g. plain fine-tuning and SAFT) it fine-tunes every task from
 over the paper's grid (`search_coefficients`), and at the fixed alpha of App. C.6 — scores every model on every
 task's test split with `evaluate_model`, and writes the tables (`saft_hf.experiments.tables`).
 
-Everything is resumable: a fine-tune whose results file is complete, a saved task vector, a finished merge folder
-and a cached evaluation are reused, never recomputed. Layout under `output_dir`:
+Resumable by content, not by folder: every stage (fine-tune, task vector, merge) writes `stage.json` beside its
+output, recording the resolved settings that produced it (command line, the text of the config files, the identity
+of the weights it started from, the merge grid, ...). A rerun reuses a stage whose record matches what it would do
+now, and redoes one whose settings changed, logging one line that names what changed; a stage's settings include
+the records of the stages it consumes, so a change propagates downstream. Scores are cached by the scored model's
+stage record, so a redone model is never scored from a stale entry. Layout under `output_dir`:
 
     finetuned/<family>/<task>/        recipes/finetune.py output (model, finetune_config.yaml, all_results.json)
+    logs/<family>_<task>.log          a fine-tune's console output, when `run_experiment(quiet=True)`
     task_vectors/<family>/<task>/     TaskVector folders
     merged/<family>/<method>[_alpha<a>]/  merged model folder: weights, merge_config.yaml, README.md card
     evaluations.json                  cache of every test/validation score
@@ -18,9 +23,13 @@ and a cached evaluation are reused, never recomputed. Layout under `output_dir`:
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +58,8 @@ RESOLVED_FINETUNE_CONFIG = "finetune_config.yaml"
 SEARCHED = "searched"
 NO_COEFFICIENT = "-"  # the setting of methods with nothing to search (weight averaging)
 MERGEABLE_MODES = ("full", "ftlo")
+STAGE_RECORD = "stage.json"
+StageFn = Callable[[str], None]  # told a description of each stage as it finishes (progress bars)
 
 
 @dataclass
@@ -80,9 +91,105 @@ def finetune_argv(config: ExperimentConfig, family: Family, task: str, run_dir: 
     return argv + list(config.finetune_args) + list(family.finetune_args)
 
 
-def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: FinetuneFn) -> dict[str, str]:
+# ---- content-keyed stages ------------------------------------------------------------------------------------------
+
+
+def model_identity(model: str | Path) -> str:
+    """What a model's weights are: a digest of a local folder's weight files (so a folder rewritten with other
+    weights is another model), or the Hub id as given (pin a revision with `org/name@rev` to make it exact)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return str(model)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no weight files (*.safetensors, *.bin) to identify the model by")
+    return _digest(tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files), files)
+
+
+def _digest(stamp: tuple, files: list[Path]) -> str:
+    # Weight files are hashed once per process and content (the stamp changes whenever a file is rewritten).
+    if stamp not in _DIGESTS:
+        digest = hashlib.sha256()
+        for path in files:
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        _DIGESTS[stamp] = "sha256:" + digest.hexdigest()[:16]
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(path: str | Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _normalized(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def recorded_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings a finished stage in `folder` was produced with (None: no finished stage there)."""
+    path = folder / STAGE_RECORD
+    try:
+        return json.loads(path.read_text())["settings"] if path.is_file() else None
+    except (json.JSONDecodeError, KeyError):
+        return None
+
+
+def stage_key(folder: Path) -> str | None:
+    """A short digest of a finished stage's settings: what the stages consuming it record of it."""
+    settings = recorded_settings(folder)
+    return None if settings is None else hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_is_current(folder: Path, settings: Mapping[str, Any]) -> bool:
+    """True when `folder` holds a stage finished with `settings`. A stage made with other settings (or before stages
+    were recorded) is reported in one line naming the changed settings; the caller redoes it."""
+    recorded = recorded_settings(folder)
+    wanted = _normalized(settings)
+    if recorded == wanted:
+        return True
+    if folder.exists():
+        changed = "no record of its settings" if recorded is None else _differences(recorded, wanted)
+        logger.warning("%s was made with other settings (%s): redoing it", folder, changed)
+    return False
+
+
+def _differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    parts = []
+    for name in sorted(set(recorded) | set(wanted)):
+        old, new = recorded.get(name), wanted.get(name)
+        if old == new:
+            continue
+        if isinstance(old, list) and isinstance(new, list):  # command lines: name the tokens that differ
+            matcher = difflib.SequenceMatcher(a=list(map(str, old)), b=list(map(str, new)), autojunk=False)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+                if tag != "equal":
+                    parts.append(f"{name}: {' '.join(matcher.a[i1:i2]) or '-'} -> {' '.join(matcher.b[j1:j2]) or '-'}")
+        else:
+            parts.append(f"{name}: {old!r} -> {new!r}")
+    return "; ".join(parts)
+
+
+def record_stage(folder: Path, settings: Mapping[str, Any]) -> None:
+    """Mark `folder` as a stage finished with `settings` (written last, so an interrupted stage has no record)."""
+    text = json.dumps({"settings": _normalized(settings)}, indent=1, sort_keys=True)
+    write_atomically(folder / STAGE_RECORD, lambda f: f.write(text))
+
+
+def finetune_settings(config: ExperimentConfig, argv: Sequence[str]) -> dict[str, Any]:
+    """What a fine-tune depends on: its command line, the text of its config files and the base weights."""
+    configs = {path: _file_digest(path) for path in config.finetune_configs}
+    return {"argv": list(argv), "config_files": configs, "base_model": model_identity(config.base_model)}
+
+
+def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: FinetuneFn, *, quiet: bool = False,
+                    on_stage: StageFn | None = None) -> dict[str, str]:  # fmt: skip
     """Each task's fine-tuned model (folder or Hub id): pulled when the family names existing fine-tunes, reused
-    when already complete in the output folder, trained otherwise."""
+    when the output folder holds one finished with the same settings, trained otherwise. `quiet` sends each
+    fine-tune's console output (Trainer logs and metrics blocks) to `logs/<family>_<task>.log`."""
     if family.finetune_mode not in MERGEABLE_MODES:
         raise ValueError(
             f"families.{family.name}.finetune_mode={family.finetune_mode!r}: the experiment pipeline merges and "
@@ -96,15 +203,36 @@ def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: Finet
             models[task] = existing
             continue
         run_dir = config.output_path / "finetuned" / family.name / task
-        if is_finetuned(run_dir):
+        argv = finetune_argv(config, family, task, run_dir)
+        settings = finetune_settings(config, argv)
+        if stage_is_current(run_dir, settings) and is_finetuned(run_dir):
             logger.info("reusing the fine-tune of %s (%s) in %s", task, family.name, run_dir)
         else:
-            finetune_fn(finetune_argv(config, family, task, run_dir))
+            shutil.rmtree(run_dir, ignore_errors=True)  # recipes/finetune.py must not resume a stale run
+            log = config.output_path / "logs" / f"{family.name}_{task}.log" if quiet else None
+            _call_quietly(finetune_fn, argv, log)
             if not is_finetuned(run_dir):
                 missing = run_dir / COMPLETED_RESULTS_FILE
                 raise RuntimeError(f"Fine-tuning {task} ({family.name}) finished without {missing}.")
+            record_stage(run_dir, settings)
+        if on_stage is not None:
+            on_stage(f"fine-tuned {family.name}/{task}")
         models[task] = str(run_dir)
     return models
+
+
+def _call_quietly(finetune_fn: FinetuneFn, argv: list[str], log: Path | None) -> None:
+    if log is None:
+        finetune_fn(argv)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        finetune_fn(argv)
+
+
+def model_key(model: str | Path) -> str:
+    """The identity a downstream stage records of a model: its stage record's digest, else its weights' identity."""
+    return stage_key(Path(model)) or model_identity(model)
 
 
 def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[str, str]) -> dict[str, Path]:
@@ -112,13 +240,16 @@ def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[
     folders = {}
     for task, model in models.items():
         folder = config.output_path / "task_vectors" / family.name / task
-        if not is_task_vector_folder(folder):
+        settings = {"base_model": model_identity(config.base_model), "finetuned": model_key(model),
+                    "finetune_mode": family.finetune_mode, "sam_mode": family.sam_mode}  # fmt: skip
+        if not (stage_is_current(folder, settings) and is_task_vector_folder(folder)):
             resolved = _resolved_finetune_config(Path(model))
             vector = TaskVector.from_models(
                 config.base_model, model, task=task, finetune_mode=family.finetune_mode, sam_mode=family.sam_mode,
                 sam_rho=resolved.get("sam_rho"), sam_eta=resolved.get("sam_eta"),
             )  # fmt: skip
             vector.save(folder)
+            record_stage(folder, settings)
         folders[task] = folder
     return folders
 
@@ -130,7 +261,8 @@ def _resolved_finetune_config(run_dir: Path) -> dict[str, Any]:
 
 class Scorer:
     """Scores models on task splits with `evaluate_model`, each task's data loaded once, every score cached in
-    `evaluations.json` (keyed by model, task, split and sample cap) so a rerun recomputes nothing."""
+    `evaluations.json` (keyed by the model's content (`model_key`), task, split and sample cap) so a rerun
+    recomputes nothing and a model redone with other settings is scored again."""
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
@@ -152,7 +284,7 @@ class Scorer:
                     progress=False)  # fmt: skip
 
     def score(self, model: str | Path, task: str, split: str = "test") -> dict[str, float]:
-        key = f"{model}|{task}|{split}|{self.config.eval_max_samples or 'all'}"
+        key = f"{model_key(model)}|{task}|{split}|{self.config.eval_max_samples or 'all'}"
         if key not in self.cache:
             self.cache[key] = evaluate_model(model, task, split, base=self.config.base_model, **self.options(task))
             if self.config.label_word_confusion and isinstance(get_task(task), TextToTextTask):
@@ -214,33 +346,49 @@ def merge_settings(config: ExperimentConfig, method: str) -> list[tuple[str, dic
 def merge_family(config: ExperimentConfig, family: Family, vectors: Mapping[str, Path], method: str, setting: str,
                  parameters: dict[str, Any] | None, scorer: Scorer) -> Path:  # fmt: skip
     """Merge a family's task vectors with `method`: at `parameters`, or searched on validation when None. A folder
-    holding a finished merge (its recipe is written last) is reused."""
+    holding a merge finished with the same settings (inputs, parameters, grid, validation data) is reused."""
     suffix = "" if setting in (SEARCHED, NO_COEFFICIENT) else "_" + setting.replace("=", "")
     output_dir = config.output_path / "merged" / family.name / f"{method}{suffix}"
-    if (output_dir / RECIPE_NAME).is_file():
-        return output_dir
     recipe = {"base_model": config.base_model, "models": [str(vectors[task]) for task in config.tasks],
               "method": method, "parameters": parameters or {}, "output_dir": str(output_dir)}  # fmt: skip
-    if parameters is not None:
-        return merge(recipe, progress=False)
-    grid = config.search_grid.get(method) or paper_grid(method)
-    result = search_coefficients(recipe, scorer.validation_accuracy(), grid, progress=False)
-    logger.info("%s/%s: best %s (validation %.4f)", family.name, method, result.best_parameters, result.best_score)
-    return result.output_dir
+    grid = None if parameters is not None else config.search_grid.get(method) or paper_grid(method)
+    settings = {"recipe": recipe, "base_model": model_identity(config.base_model), "grid": grid,
+                "inputs": [model_key(vectors[task]) for task in config.tasks]}  # fmt: skip
+    if grid is not None:  # the search's score: validation accuracy as the Scorer computes it
+        settings["validation"] = {"max_samples": config.eval_max_samples, "dataset_paths": config.dataset_paths,
+                                  "max_source_length": config.max_source_length}  # fmt: skip
+    if stage_is_current(output_dir, settings) and (output_dir / RECIPE_NAME).is_file():
+        return output_dir
+    if grid is None:
+        folder = merge(recipe, progress=False)
+    else:
+        result = search_coefficients(recipe, scorer.validation_accuracy(), grid, progress=False)
+        logger.info("%s/%s: best %s (validation %.4f)", family.name, method, result.best_parameters, result.best_score)
+        folder = result.output_dir
+    record_stage(folder, settings)
+    return folder
 
 
 def merged_parameters(folder: Path) -> dict[str, Any]:
     return (yaml.safe_load((folder / RECIPE_NAME).read_text()) or {}).get("parameters", {})
 
 
-def run_experiment(config: ExperimentConfig, finetune_fn: FinetuneFn) -> ExperimentResult:
-    """Fine-tune, save task vectors, merge, score and tabulate (see the module docstring)."""
+def experiment_stages(config: ExperimentConfig) -> int:
+    """How many times `run_experiment` calls its `on_stage` (one per fine-tune or pulled model, one per merge)."""
+    merges = sum(len(merge_settings(config, method)) for method in config.merge_methods)
+    return len(config.families) * (len(config.tasks) + merges)
+
+
+def run_experiment(config: ExperimentConfig, finetune_fn: FinetuneFn, *, quiet: bool = False,
+                   on_stage: StageFn | None = None) -> ExperimentResult:  # fmt: skip
+    """Fine-tune, save task vectors, merge, score and tabulate (see the module docstring). `quiet` keeps the
+    fine-tunes' console output in `logs/`; `on_stage` is told each stage as it finishes (`experiment_stages`)."""
     tasks = [get_task(name) for name in config.tasks]  # unknown task names fail before any work
     scorer = Scorer(config)
     scores = [_score(scorer, config.base_model, "", PRETRAINED, "", task) for task in tasks]
     result = ExperimentResult(scores, {})
     for family in config.families:
-        models = finetune_family(config, family, finetune_fn)
+        models = finetune_family(config, family, finetune_fn, quiet=quiet, on_stage=on_stage)
         result.task_vectors[family.name] = save_task_vectors(config, family, models)
         scores += [_score(scorer, models[task.name], family.name, FINETUNED, "", task) for task in tasks]
         for method in config.merge_methods:
@@ -250,6 +398,8 @@ def run_experiment(config: ExperimentConfig, finetune_fn: FinetuneFn) -> Experim
                 result.merged[(family.name, method, setting)] = folder
                 used = merged_parameters(folder)
                 scores += [_score(scorer, folder, family.name, method, setting, task, used) for task in tasks]
+                if on_stage is not None:
+                    on_stage(f"merged {family.name}/{method} ({setting})")
     result.tables = write_tables(config, scores)
     return result
 
@@ -293,13 +443,18 @@ def write_tables(config: ExperimentConfig, scores: Sequence[Score]) -> dict[str,
 __all__ = [
     "ExperimentResult",
     "FinetuneFn",
+    "STAGE_RECORD",
     "Scorer",
     "finetune_argv",
     "finetune_family",
     "is_finetuned",
     "merge_family",
+    "experiment_stages",
     "merge_settings",
+    "model_identity",
+    "record_stage",
     "run_experiment",
     "save_task_vectors",
+    "stage_is_current",
     "write_tables",
 ]
