@@ -32,6 +32,7 @@ import transformers
 
 import analyze
 import finetune
+from saft_hf.entrypoint import run_main
 from saft_hf.experiments import ExperimentConfig, run_experiment
 from saft_hf.experiments.demo import pretrain_tiny_clip, register_demo_tasks
 from saft_hf.experiments.pipeline import SEARCHED
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="demo.py"))
