@@ -341,15 +341,15 @@ def check_resume_checkpoint(checkpoint: str | None) -> None:
     if checkpoint is None:
         return
     folder = Path(checkpoint)
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"resume_from_checkpoint {checkpoint} {problem}; pass a checkpoint-<step> folder of an earlier run."
-        )
+    advice = "pass a checkpoint-<step> folder of an earlier run."
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"resume_from_checkpoint {checkpoint} is not a folder; {advice}")
+    if not folder.exists():
+        raise FileNotFoundError(f"resume_from_checkpoint {checkpoint} does not exist; {advice}")
     if not (folder / TRAINER_STATE_NAME).is_file():
         raise FileNotFoundError(
             f"resume_from_checkpoint {checkpoint} holds no {TRAINER_STATE_NAME}, so it is not a Trainer checkpoint; "
-            "pass a checkpoint-<step> folder of an earlier run."
+            f"{advice}"
         )
     weights = [folder / name for name in WEIGHTS_FILES if (folder / name).is_file()]
     if not weights:
@@ -361,9 +361,8 @@ def check_resume_checkpoint(checkpoint: str | None) -> None:
             # An index is read with its shards; a checkpoint the run wrote itself may hold pickle weights.
             CheckpointReader(folder if file.name.endswith(".index.json") else file, allow_pickle=True)
         except (ValueError, FileNotFoundError) as error:
-            raise ValueError(
-                f"resume_from_checkpoint {checkpoint}: {error}; resume from another checkpoint."
-            ) from error
+            message = f"resume_from_checkpoint {checkpoint}: {error}; resume from another checkpoint."
+            raise ValueError(message) from error
 
 
 def holds_a_run(folder: Path) -> bool:

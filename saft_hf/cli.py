@@ -26,7 +26,7 @@ PROG = "saft-hf"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = f"{DEBUG_FLAG} (anywhere on the command line) or {DEBUG_ENVIRONMENT_VARIABLE}=1: show an error's traceback."
+    epilog = f"{DEBUG_FLAG} (anywhere on the command line) or {DEBUG_ENVIRONMENT_VARIABLE}=1: show errors' tracebacks."
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=epilog)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -39,7 +39,7 @@ _DISK_PROBLEMS = {
     errno.ENOSPC: "no space left on device: free space or choose another output_dir",
     errno.EDQUOT: "disk quota exceeded: free space or choose another output_dir",
     errno.EROFS: "read-only file system: choose another output_dir",
-    errno.EACCES: "permission denied: check the folder's permissions or choose another output_dir",
+    errno.EACCES: "permission denied: check its permissions (or choose another output_dir)",
 }
 
 
@@ -118,4 +118,12 @@ def _print_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["DEBUG_FLAG", "DEBUG_ENVIRONMENT_VARIABLE", "Terminated", "one_line", "run_main", "take_debug_flag", "user_error_message"]
+__all__ = [
+    "DEBUG_ENVIRONMENT_VARIABLE",
+    "DEBUG_FLAG",
+    "Terminated",
+    "one_line",
+    "run_main",
+    "take_debug_flag",
+    "user_error_message",
+]

@@ -28,8 +28,9 @@ from saft_hf.errors import PushError, UnsafeOutputError
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
-ENVIRONMENT = {k: v for k, v in os.environ.items() if k != "SAFT_HF_DEBUG"} | {
-    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # fmt: skip
+ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAFT_HF_DEBUG"} | {
+    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+}  # fmt: skip
 # transformers prints this on importing CLIPImageProcessor (saft_hf.testing does) where torchvision is not installed:
 # a note about the environment, not an error of the run.
 TORCHVISION_NOTE = "requires torchvision (not installed)"
@@ -101,7 +102,7 @@ def _hub_error(status: int, url: str, **headers: str) -> Exception:
         (OSError(errno.EROFS, "Read-only file system", "/ro/out"),
          "tool: error: /ro/out: read-only file system: choose another output_dir"),
         (PermissionError(errno.EACCES, "Permission denied", "/root/out"),
-         "tool: error: /root/out: permission denied: check the folder's permissions or choose another output_dir"),
+         "tool: error: /root/out: permission denied: check its permissions (or choose another output_dir)"),
         (OSError(errno.ENOSPC, "No space left on device"),  # file.write() names no file
          "tool: error: no space left on device: free space or choose another output_dir"),
         (_hub_error(403, "https://huggingface.co/api/models/org/private?expand=sha",
@@ -266,7 +267,7 @@ def test_full_disk_during_a_merge_is_one_line_naming_the_file(family, tmp_path):
     process, _ = _start_merge(family, tmp_path, "full")
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
-    line = _assert_one_line(stderr, f"saft-hf: error: {tmp_path / 'work'}/.out.tmp-",
+    line = _assert_one_line(stderr, f"saft-hf: error: {tmp_path / 'work'}/",
                             "/model.safetensors: no space left on device: free space or choose another output_dir")
     assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["recipe.yaml"], line
 
@@ -317,8 +318,9 @@ def test_resume_checkpoint_is_checked_and_named(tmp_path):
     truncated = _write_checkpoint(tmp_path / "truncated")
     os.truncate(truncated / "model.safetensors", (truncated / "model.safetensors").stat().st_size - 8)
     cases = [
-        (tmp_path / "file", FileNotFoundError, "resume_from_checkpoint {path} is not a folder"),
-        (_write_checkpoint(tmp_path / "no_state", state=False), FileNotFoundError, "{path} holds no trainer_state.json"),
+        (tmp_path / "file", NotADirectoryError, "resume_from_checkpoint {path} is not a folder"),
+        (_write_checkpoint(tmp_path / "no_state", state=False), FileNotFoundError,
+         "{path} holds no trainer_state.json"),
         (_write_checkpoint(tmp_path / "no_weights", weights=None), FileNotFoundError, "{path} holds no model weights"),
         (sharded, ValueError, "resume_from_checkpoint {path}: {path}/model.safetensors.index.json: lists shard "
                               "model-1-of-2.safetensors, which is missing"),
@@ -350,7 +352,7 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_it(tmp_path, conten
         (run / name).write_text("")
     resume_from = resume_from and resume_from.format(run=run, tmp=tmp_path)
     if refused:
-        with pytest.raises(UnsafeOutputError, match=f"output_dir {run} already holds a fine-tuning run; choose another"):
+        with pytest.raises(UnsafeOutputError, match=f"output_dir {run} already holds a fine-tuning run; choose"):
             finetune.check_output_dir(run, resume_from)
     else:
         finetune.check_output_dir(run, resume_from)
