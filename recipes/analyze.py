@@ -51,6 +51,7 @@ from saft_hf.analysis import (
     task_arithmetic_gain,
 )
 from saft_hf.checkpoints import write_atomically
+from saft_hf.entrypoint import run_main
 from saft_hf.task_vectors import TaskVector, is_task_vector_folder
 
 ANALYSES = ("disentanglement", "landscape", "linearity", "barrier", "hessian", "gain")
@@ -251,4 +252,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="analyze.py"))

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from saft_hf.entrypoint import run_main
 from saft_hf.experiments import ExperimentConfig
 from saft_hf.experiments.demo import DemoSeedSetup, register_demo_tasks
 from saft_hf.experiments.pipeline import experiment_stages
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="demo.py"))

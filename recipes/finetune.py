@@ -31,6 +31,14 @@ the file. The run writes to `output_dir`:
   `off_label_fraction` and the task's secondary metrics);
 - `pretrained/` when the model was built from a config (`tiny_model_seed`): the model fine-tuning started from.
 
+Everything is checked before anything is written: the fields, the task and the mode, `output_dir`'s placeholders,
+`resume_from_checkpoint` (a folder holding `trainer_state.json` and readable weights), and `output_dir` itself: a
+folder that already holds a run (`finetune_config.yaml`, `checkpoint-*` folders or model weights) is refused unless
+the run resumes from one of its checkpoints, so a new run cannot overwrite a finished one. `finetune_config.yaml` is
+written once the data and the model have loaded, just before training starts. A user error prints one line,
+`finetune.py: error: ...`, and exits with status 1; `SAFT_HF_DEBUG=1` shows its traceback (`--debug` is the
+Trainer's own option here).
+
 With `load_best_model_at_end`, the checkpoint kept is the best on the validation split by `metric_for_best_model`;
 `accuracy` is the generation accuracy for text tasks (`saft_hf.evaluation.GenerativeEvaluationMixin`).
 """
@@ -49,10 +57,23 @@ import torch
 import yaml
 from datasets import DatasetDict
 from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from saft_hf import SAFTConfig, SAFTTrainer
 from saft_hf.analysis import add_noise_scale_logging
+from saft_hf.checkpoints import CheckpointReader
 from saft_hf.data import ImageClassificationTask, Task, TextToTextTask, get_task
+from saft_hf.entrypoint import run_main
+from saft_hf.errors import UnsafeOutputError
 from saft_hf.evaluation import (
     GenerativeEvaluationMixin,
     classification_metrics,
@@ -66,6 +87,15 @@ from saft_hf.testing import save_tiny_clip, save_tiny_t5
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_FILE = "finetune_config.yaml"
+# The weight files the Trainer resumes a checkpoint from (Trainer._load_from_checkpoint), and that a saved run holds.
+WEIGHTS_FILES = (
+    SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+)
 
 
 @dataclass
@@ -286,6 +316,14 @@ def _pretrained_path(task: Task, model_args: ModelArguments, output_dir: Path, w
     return str(path)
 
 
+def find_task(name: str) -> Task:
+    """The registered task `name`; an unknown name is a user error about the `task` field."""
+    try:
+        return get_task(name)
+    except KeyError as error:
+        raise ValueError(f"task: {error.args[0]}") from None
+
+
 def check_finetune_mode(task: Task, finetune_mode: str) -> None:
     """Refuse a mode the task cannot be trained and scored in, before anything is loaded or written."""
     if isinstance(task, TextToTextTask) and finetune_mode == "ftts":
@@ -293,6 +331,60 @@ def check_finetune_mode(task: Task, finetune_mode: str) -> None:
             f"finetune_mode='ftts' is not supported for the text-to-text task {task.name!r}: a linearised seq2seq "
             "model cannot generate, so its label-word accuracy could be neither measured nor used to keep the best "
             "checkpoint. Use finetune_mode full, ftlo or lora."
+        )
+
+
+def check_resume_checkpoint(checkpoint: str | None) -> None:
+    """Refuse a `resume_from_checkpoint` the Trainer could not resume from, before anything is loaded or written: it
+    must be a folder holding `trainer_state.json` (the step, the schedule) and weights that read back (a truncated
+    file is named)."""
+    if checkpoint is None:
+        return
+    folder = Path(checkpoint)
+    advice = "pass a checkpoint-<step> folder of an earlier run."
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"resume_from_checkpoint {checkpoint} is not a folder; {advice}")
+    if not folder.exists():
+        raise FileNotFoundError(f"resume_from_checkpoint {checkpoint} does not exist; {advice}")
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {checkpoint} holds no {TRAINER_STATE_NAME}, so it is not a Trainer checkpoint; "
+            f"{advice}"
+        )
+    weights = [folder / name for name in WEIGHTS_FILES if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {checkpoint} holds no model weights (one of {', '.join(WEIGHTS_FILES)})."
+        )
+    for file in weights:
+        try:
+            # An index is read with its shards; a checkpoint the run wrote itself may hold pickle weights.
+            CheckpointReader(folder if file.name.endswith(".index.json") else file, allow_pickle=True)
+        except (ValueError, FileNotFoundError) as error:
+            message = f"resume_from_checkpoint {checkpoint}: {error}; resume from another checkpoint."
+            raise ValueError(message) from error
+
+
+def holds_a_run(folder: Path) -> bool:
+    """True if `folder` holds (part of) a fine-tune: its resolved configuration, checkpoints or saved weights."""
+    if not folder.is_dir():
+        return False
+    markers = (RESOLVED_CONFIG_FILE, *WEIGHTS_FILES)
+    return any((folder / name).exists() for name in markers) or get_last_checkpoint(folder) is not None
+
+
+def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None) -> None:
+    """Refuse to write into a folder that holds another run (transformers 5 would overwrite it without asking),
+    unless this run resumes from one of that folder's checkpoints."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} exists and is not a folder; choose another output_dir.")
+    resuming_here = resume_from_checkpoint is not None and (
+        Path(resume_from_checkpoint).resolve().parent == output_dir.resolve()
+    )
+    if holds_a_run(output_dir) and not resuming_here:
+        raise UnsafeOutputError(
+            f"output_dir {output_dir} already holds a fine-tuning run; choose another output_dir, or pass "
+            f"--resume_from_checkpoint {output_dir}/checkpoint-<step> to continue that run."
         )
 
 
@@ -320,6 +412,7 @@ def finetune_image_classifier(
     model_path: str,
     model_args: ModelArguments,
     training_args: SAFTConfig,
+    resolved: dict[str, Any],
 ) -> None:
     """Fine-tune the CLIP vision tower under the task's zero-shot head; evaluate accuracy on validation and test."""
     classifier = CLIPVisionClassifier.from_clip(
@@ -336,7 +429,7 @@ def finetune_image_classifier(
         processing_class=image_processor,
         compute_metrics=classification_metrics,
     )
-    _train(trainer, training_args)
+    _train(trainer, training_args, resolved)
     _evaluate(trainer, prepared)
     trainer.save_model()
     if model_args.finetune_mode == "lora" and trainer.args.should_save:
@@ -351,6 +444,7 @@ def finetune_text_to_text(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: SAFTConfig,
+    resolved: dict[str, Any],
 ) -> None:
     """Fine-tune a seq2seq LM to generate the label words; evaluate generation accuracy, the fraction of outputs
     that are no label word and the task's secondary metrics on validation and test."""
@@ -366,12 +460,15 @@ def finetune_text_to_text(
         compute_metrics=label_word_metrics(task, tokenizer),
         generation_max_new_tokens=label_word_max_new_tokens(tokenizer, task.label_words),
     )
-    _train(trainer, training_args)
+    _train(trainer, training_args, resolved)
     _evaluate(trainer, prepared)
     trainer.save_model()
 
 
-def _train(trainer: SAFTTrainer, training_args: SAFTConfig) -> None:
+def _train(trainer: SAFTTrainer, training_args: SAFTConfig, resolved: dict[str, Any]) -> None:
+    """Record the resolved configuration (now that the data and the model have loaded), then train."""
+    if trainer.args.should_save:
+        write_resolved_config(resolved, Path(training_args.output_dir))
     add_noise_scale_logging(trainer)  # logs noise/effective_scale, the noise-sweep recipe's x-axis
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()
@@ -391,27 +488,28 @@ def _save_metrics(trainer: SAFTTrainer, split: str, metrics: dict[str, float]) -
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, resolved = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    task = get_task(data_args.task)
+    task = find_task(data_args.task)
     check_finetune_mode(task, model_args.finetune_mode)
+    check_resume_checkpoint(training_args.resume_from_checkpoint)
+    output_dir = Path(training_args.output_dir)
+    check_output_dir(output_dir, training_args.resume_from_checkpoint)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The prepared splits hold exactly the model's inputs; image inputs are built on the fly by a dataset
     # transform, which needs its source columns, so the Trainer must not drop columns.
     training_args.remove_unused_columns = False
     if model_args.torch_num_threads is not None:
         torch.set_num_threads(model_args.torch_num_threads)
-    output_dir = Path(training_args.output_dir)
-    if training_args.should_save:
-        write_resolved_config(resolved, output_dir)
     set_seed(training_args.seed)
 
     splits = _limit(task.load(data_args.dataset_path), data_args)
     with training_args.main_process_first(desc="preparing the pre-trained model"):
         model_path = _pretrained_path(task, model_args, output_dir, training_args.should_save)
     if isinstance(task, ImageClassificationTask):
-        finetune_image_classifier(task, splits, model_path, model_args, training_args)
+        finetune_image_classifier(task, splits, model_path, model_args, training_args, resolved)
     else:
-        finetune_text_to_text(task, splits, model_path, model_args, data_args, training_args)
+        finetune_text_to_text(task, splits, model_path, model_args, data_args, training_args, resolved)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # --debug is the Trainer's option (TrainingArguments.debug): only SAFT_HF_DEBUG=1 shows a user error's traceback.
+    sys.exit(run_main(main, sys.argv[1:], prog="finetune.py", debug_flag=None))

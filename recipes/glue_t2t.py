@@ -23,6 +23,7 @@ from pathlib import Path
 
 import finetune
 from saft_hf.data import get_task
+from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
 from saft_hf.experiments.config import config_from_args, experiment_argument_parser
 
@@ -53,4 +54,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="glue_t2t.py"))

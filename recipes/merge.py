@@ -10,8 +10,10 @@ config and processor files, the recipe as run (`merge_config.yaml`, Hub revision
 """
 
 import argparse
+import sys
 
 from saft_hf.cli import run_merge
+from saft_hf.entrypoint import run_main
 
 
 def parse_args(argv=None):
@@ -30,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, sys.argv[1:], prog="merge.py"))

@@ -74,6 +74,7 @@ from saft_hf.analysis import (
 )
 from saft_hf.checkpoints import write_atomically
 from saft_hf.data import get_task
+from saft_hf.entrypoint import run_main
 
 RUN_COMPLETE_FILE = "noise_sweep_run.json"
 TABLE_STEM = "merge_gain_vs_noise"
@@ -462,4 +463,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="noise_sweep.py"))

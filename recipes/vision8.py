@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import finetune
+from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
 from saft_hf.experiments.config import config_from_args, experiment_argument_parser
 
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main, sys.argv[1:], prog="vision8.py"))

@@ -6,6 +6,9 @@
 
 References are local folders or Hub ids with an optional ``@revision``. Hub access uses the usual token sources
 (``HF_TOKEN``, ``hf auth login``); no token is accepted on the command line, so none ends up in shell history.
+
+An error the user can act on prints one line, ``saft-hf: error: ...``, and exits with status 1; Ctrl-C exits with
+130 (``saft_hf.entrypoint``). ``--debug`` anywhere on the command line, or ``SAFT_HF_DEBUG=1``, shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from pathlib import Path
 
 import torch
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, run_main
+
+PROG = "saft-hf"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saft-hf", description=__doc__.split("\n\n")[0])
+    epilog = f"{DEBUG_FLAG} (anywhere on the command line) or {DEBUG_ENVIRONMENT_VARIABLE}=1: show errors' tracebacks."
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=epilog)
     commands = parser.add_subparsers(dest="command", required=True)
 
     merge = commands.add_parser("merge", help="Merge models as a YAML recipe describes.")
@@ -81,19 +87,21 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     return folder
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "merge":
-            folder = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub,
-                               private=args.private, progress=not args.no_progress)  # fmt: skip
-        else:
-            folder = run_task_vector(args)
-    except _USER_ERRORS as error:
-        parser.exit(1, f"saft-hf: error: {error}\n")
+def run_command(argv: Sequence[str]) -> None:
+    """Parse ``argv`` and run the command it names; print the folder written."""
+    args = build_parser().parse_args(argv)
+    if args.command == "merge":
+        folder = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub,
+                           private=args.private, progress=not args.no_progress)  # fmt: skip
+    else:
+        folder = run_task_vector(args)
     print(folder)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``saft-hf`` command (``argv`` defaults to ``sys.argv[1:]``); returns its exit status: user errors are one
+    line on stderr (``saft_hf.entrypoint.run_main``)."""
+    return run_main(run_command, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -407,14 +407,6 @@ def test_console_script_and_recipe_script_merge_like_the_api(family, tmp_path):
         assert (tmp_path / folder / "model.safetensors").read_bytes() == (api / "model.safetensors").read_bytes()
 
 
-def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["merge", str(tmp_path / "missing.yaml")])
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
-    assert error.startswith("saft-hf: error:") and "missing.yaml" in error and "Traceback" not in error
-
-
 def test_cli_task_vector_matches_the_api(family, tmp_path):
     base_dir, tuned = family
     assert cli_main(["task-vector", "--base", str(base_dir), "--finetuned", str(tuned[0]), "-o", str(tmp_path / "tv"),
