@@ -316,9 +316,15 @@ class ShardedSafetensorsWriter:
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self._file is not None:
-            self._file.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self._file is None or self._file.closed:
+            return
+        try:
+            self._close_shard()
+        except OSError:
+            if exc_type is None:
+                raise
+            # The error already propagating (often the same full disk) is the one to report.
 
     @property
     def total_size(self) -> int:
@@ -335,7 +341,25 @@ class ShardedSafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
         self._file = open(self.folder / file_name, "wb")
-        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        with self._naming_failures():
+            self._file.write(data)
+
+    def _close_shard(self) -> None:
+        with self._naming_failures():  # buffered bytes reach the disk here
+            self._file.close()
+
+    @contextlib.contextmanager
+    def _naming_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            # A failed write (a full disk) names no file; the user needs to know where space ran out.
+            raise OSError(error.errno, error.strerror, self._file.name) from error
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor of the plan (names, shapes and dtypes must follow it)."""
@@ -348,9 +372,9 @@ class ShardedSafetensorsWriter:
         if self._position in self._opens_shard:
             self._open_shard(*self._shards[self._opens_shard[self._position]])
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(raw.numpy().data)
+        self._write(raw.numpy().data)
         if self._position in self._closes_shard:
-            self._file.close()
+            self._close_shard()
         self._position += 1
 
     def close(self) -> list[Path]:

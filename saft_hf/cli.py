@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Storage dtype (default: the base's; float64 makes apply_to exact).")  # fmt: skip
     vector.add_argument("--max_shard_size", default="2GB", help="Largest safetensors shard.")
     vector.add_argument("--allow_pickle", action="store_true", help="Accept pickle .bin weights (can run code).")
+    vector.add_argument("--allow_nonfinite", action="store_true",
+                        help="Let NaN/Inf values in the models (or the difference) through instead of refusing.")  # fmt: skip
     vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")
     vector.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     return parser
@@ -80,7 +82,8 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     else:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         vector = TaskVector.from_models(args.base, args.finetuned, finetune_mode=args.finetune_mode, dtype=dtype,
-                                        allow_pickle=args.allow_pickle, **recorded)  # fmt: skip
+                                        allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
+                                        **recorded)  # fmt: skip
     folder = vector.save(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
     if args.push_to_hub:
         vector.push_to_hub(args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)

@@ -26,6 +26,14 @@ class NonFiniteError(SaftHfError, ValueError):
     """A tensor holds NaN or infinite values (an input, a task vector, or a merged result)."""
 
 
+class UnknownTaskError(SaftHfError, KeyError):
+    """A task name that is not registered. A ``KeyError`` too, for lookups that expect one; shown as its message
+    (``KeyError`` would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class PushError(SaftHfError):
     """Uploading to the Hub failed after the local output was written completely; the message says where it is."""
 
@@ -41,4 +49,4 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
 )
 
-__all__ = ["USER_ERRORS", "NonFiniteError", "OutsideFolderError", "PushError", "SaftHfError", "UnsafeOutputError"]
+__all__ = ["USER_ERRORS", "NonFiniteError", "OutsideFolderError", "PushError", "SaftHfError", "UnknownTaskError", "UnsafeOutputError"]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from saft_hf.checkpoints import CheckpointReader
+from saft_hf.cli import main as cli_main
 from saft_hf.errors import NonFiniteError
 from saft_hf.merging import MERGE_METHODS, MergeConfig, get_method, merge
 from saft_hf.task_vectors import TaskVector
@@ -344,3 +345,14 @@ def test_every_method_computes_float8_inputs_in_float64(method):
     merged = get_method(method)(base, finetuned)
     assert merged.dtype == torch.float64
     assert torch.equal(merged, get_method(method)(base, [tensor.double() for tensor in finetuned]))
+
+
+def test_cli_task_vector_refuses_nonfinite_unless_allow_nonfinite(family, tmp_path, capsys):
+    base_dir, (tuned_dir, _) = family
+    bad = poisoned(tuned_dir, tmp_path / "bad", [float("nan")])
+    arguments = ["task-vector", "--base", str(base_dir), "--finetuned", str(bad)]
+    assert cli_main([*arguments, "-o", str(tmp_path / "refused")]) == 1
+    assert f"tensor '{NAME}' has 1 NaN and 0 Inf values" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert cli_main([*arguments, "-o", str(tmp_path / "allowed"), "--allow_nonfinite"]) == 0
+    assert torch.isnan(TaskVector.load(tmp_path / "allowed")[NAME][0])

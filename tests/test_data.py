@@ -22,6 +22,8 @@ from saft_hf.data import (
     make_digits_task,
     stsb_class,
 )
+from saft_hf.entrypoint import run_main
+from saft_hf.errors import UnknownTaskError
 from saft_hf.testing import build_tiny_t5_tokenizer, tiny_clip_processor
 
 
@@ -393,3 +395,12 @@ def test_bad_task_data_is_refused_naming_what_is_wrong(eurosat_like, mutate, mes
     task = type(eurosat)(eurosat.name, eurosat.class_names, eurosat.templates, lambda source: mutate(loader(source)))
     with pytest.raises(ValueError, match=message):
         task.load(str(eurosat_like))
+
+
+def test_an_unknown_task_is_a_one_line_user_error_that_is_still_a_key_error(capsys):
+    with pytest.raises(UnknownTaskError) as error_info:
+        get_task("imagenet")
+    assert isinstance(error_info.value, KeyError)
+    assert str(error_info.value).startswith("Unknown task 'imagenet'. Registered tasks: ")
+    assert run_main(lambda argv: get_task("imagenet"), [], prog="tool") == 1
+    assert capsys.readouterr().err.startswith("tool: error: Unknown task 'imagenet'. Registered tasks: ")

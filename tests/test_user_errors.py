@@ -21,6 +21,7 @@ from huggingface_hub.utils import hf_raise_for_status
 from merge_fixtures import clip_vision_family
 from safetensors.torch import save_file
 
+from saft_hf.checkpoints import ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
 from saft_hf.entrypoint import run_main
 from saft_hf.errors import PushError, UnsafeOutputError
@@ -388,3 +389,19 @@ def test_failing_runs_leave_a_finished_run_untouched(tmp_path):
     _assert_one_line(corrupt.stderr, f"finetune.py: error: resume_from_checkpoint {checkpoint}: ",
                      f"{weights}: corrupt or truncated safetensors file")  # fmt: skip
     assert snapshot() == before
+
+
+def test_a_full_disk_while_writing_weights_names_the_file(tmp_path, capsys):
+    # /dev/full fails every write with ENOSPC, and such a failed write names no file by itself.
+    (tmp_path / "model.safetensors").symlink_to("/dev/full")
+    spec = TensorSpec("w", (1 << 20,), torch.float32)
+
+    def write(argv):
+        with ShardedSafetensorsWriter(tmp_path, [spec]) as writer:
+            writer.add("w", torch.zeros(1 << 20))
+
+    assert run_main(write, [], prog="tool") == 1
+    assert capsys.readouterr().err == (
+        f"tool: error: {tmp_path / 'model.safetensors'}: no space left on device: free space or choose another "
+        "output_dir\n"
+    )

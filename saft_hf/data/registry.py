@@ -22,6 +22,7 @@ import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from ..errors import UnknownTaskError
 from ..models.t5 import tokenize_text_to_text
 from .transforms import CLIPImageTransform
 
@@ -216,4 +217,4 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"Unknown task {name!r}. Registered tasks: {', '.join(sorted(TASKS))}.") from None
+        raise UnknownTaskError(f"Unknown task {name!r}. Registered tasks: {', '.join(sorted(TASKS))}.") from None
