@@ -6,9 +6,10 @@ For every family (e.g. plain fine-tuning and SAFT) it fine-tunes every task from
 over the paper's grid (`search_coefficients`), and at the fixed alpha of App. C.6 — scores every model on every
 task's test split with `evaluate_model`, and writes the tables (`saft_hf.experiments.tables`).
 
-Resumable by content, not by folder: every stage (fine-tune, task vector, merge) writes `stage.json` beside its
-output, recording the resolved settings that produced it (command line, the text of the config files, the identity
-of the weights it started from, the merge grid, ...). A rerun reuses a stage whose record matches what it would do
+Resumable by content, not by folder: every stage (fine-tune, task vector, merge) writes `<output>.stage.json` beside
+its output folder (outside it: the folder itself holds only what its stage wrote), recording the resolved settings
+that produced it (command line, the text of the config files, the identity of the weights it started from, the
+merge grid, ...). A rerun reuses a stage whose record matches what it would do
 now, and redoes one whose settings changed, logging one line that names what changed; a stage's settings include
 the records of the stages it consumes, so a change propagates downstream. Scores are cached by the scored model's
 stage record, so a redone model is never scored from a stale entry. Layout under `output_dir`:
@@ -58,7 +59,7 @@ RESOLVED_FINETUNE_CONFIG = "finetune_config.yaml"
 SEARCHED = "searched"
 NO_COEFFICIENT = "-"  # the setting of methods with nothing to search (weight averaging)
 MERGEABLE_MODES = ("full", "ftlo")
-STAGE_RECORD = "stage.json"
+STAGE_RECORD_SUFFIX = ".stage.json"
 StageFn = Callable[[str], None]  # told a description of each stage as it finishes (progress bars)
 
 
@@ -129,9 +130,15 @@ def _normalized(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
+def stage_record_path(folder: Path) -> Path:
+    """Where the record of the stage whose output is `folder` lives: beside the folder, not in it, so a merged model
+    or task vector folder holds only what saft_hf wrote for it (its manifest would refuse a stray file)."""
+    return folder.with_name(folder.name + STAGE_RECORD_SUFFIX)
+
+
 def recorded_settings(folder: Path) -> dict[str, Any] | None:
     """The settings a finished stage in `folder` was produced with (None: no finished stage there)."""
-    path = folder / STAGE_RECORD
+    path = stage_record_path(folder)
     try:
         return json.loads(path.read_text())["settings"] if path.is_file() else None
     except (json.JSONDecodeError, KeyError):
@@ -151,6 +158,7 @@ def stage_is_current(folder: Path, settings: Mapping[str, Any]) -> bool:
     wanted = _normalized(settings)
     if recorded == wanted:
         return True
+    stage_record_path(folder).unlink(missing_ok=True)  # the stage is redone: an interrupted redo must not look done
     if folder.exists():
         changed = "no record of its settings" if recorded is None else _differences(recorded, wanted)
         logger.warning("%s was made with other settings (%s): redoing it", folder, changed)
@@ -176,7 +184,7 @@ def _differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
 def record_stage(folder: Path, settings: Mapping[str, Any]) -> None:
     """Mark `folder` as a stage finished with `settings` (written last, so an interrupted stage has no record)."""
     text = json.dumps({"settings": _normalized(settings)}, indent=1, sort_keys=True)
-    write_atomically(folder / STAGE_RECORD, lambda f: f.write(text))
+    write_atomically(stage_record_path(folder), lambda f: f.write(text))
 
 
 def finetune_settings(config: ExperimentConfig, argv: Sequence[str]) -> dict[str, Any]:
@@ -443,7 +451,7 @@ def write_tables(config: ExperimentConfig, scores: Sequence[Score]) -> dict[str,
 __all__ = [
     "ExperimentResult",
     "FinetuneFn",
-    "STAGE_RECORD",
+    "STAGE_RECORD_SUFFIX",
     "Scorer",
     "finetune_argv",
     "finetune_family",
@@ -453,6 +461,7 @@ __all__ = [
     "merge_settings",
     "model_identity",
     "record_stage",
+    "stage_record_path",
     "run_experiment",
     "save_task_vectors",
     "stage_is_current",
