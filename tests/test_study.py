@@ -3,11 +3,20 @@ hand-computed values; the written table, summary and figures; a tiny two-seed st
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from saft_hf.experiments.statistics import paired_difference, t_interval
-from saft_hf.experiments.study import SeedResult, decision, summarize, verdicts, write_study
+from saft_hf.experiments.study import (
+    README_HEADING,
+    SeedResult,
+    decision,
+    readme_section,
+    summarize,
+    verdicts,
+    write_study,
+)
 from saft_hf.experiments.tables import FINETUNED, PRETRAINED, Score
 
 # Student t quantiles t_{0.975, df} from printed tables (df = 1, 2, 3).
@@ -128,10 +137,6 @@ def test_write_study_writes_table_summary_and_figures(seeds, tmp_path):
 
 
 def test_readme_demo_section_is_generated_from_the_committed_study_summary():
-    from pathlib import Path
-
-    from saft_hf.experiments.study import README_HEADING, readme_section
-
     repo = Path(__file__).resolve().parents[1]
     path = "recipes/results/demo_study/study_summary.json"
     summary = json.loads((repo / path).read_text())

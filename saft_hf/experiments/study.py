@@ -352,7 +352,7 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
               "interval that spans 0 is no evidence of no effect, only that these seeds cannot tell; "
               "`python recipes/demo.py --seeds 10 --config recipes/configs/demo_experiment_study.yaml` adds SAM, "
               "smaller rho and `sam_interval` 4 and more seeds (several times longer); the paper's numbers need "
-              "`recipes/vision8.py` and `recipes/glue_t2t.py` on a GPU.", ""]
+              "`recipes/vision8.py` and `recipes/glue_t2t.py` on a GPU.", "", ""]
     return "\n".join(lines)
 
 
