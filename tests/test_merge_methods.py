@@ -2,6 +2,7 @@
 
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -359,3 +360,27 @@ def test_paper_grid_searches_every_method_with_a_coefficient(name):
     assert grid[method.coefficient] == [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
     for value in grid[method.coefficient]:
         assert method.resolve_parameters({method.coefficient: value})[method.coefficient] == value
+
+
+class LazyTensors(Sequence):
+    """Tensors produced on each read, as the engine's ``_FinetunedTensors`` does; counts the reads."""
+
+    def __init__(self, tensors):
+        self.tensors, self.reads = tensors, 0
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.tensors):
+            raise IndexError(index)
+        self.reads += 1
+        return self.tensors[index].clone()
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_methods_read_a_lazy_sequence_in_at_most_two_passes(method):
+    base, finetuned = random_inputs(15, (6, 4), 2)
+    lazy = LazyTensors(finetuned)
+    assert torch.equal(run(method, base, lazy), run(method, base, finetuned))
+    assert lazy.reads <= 2 * len(finetuned)

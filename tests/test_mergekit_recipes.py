@@ -55,8 +55,8 @@ def test_conversion_maps_mergekit_semantics():
         {"model": "x", "parameters": {"weight": 0.5}}, {"model": "y", "parameters": {"weight": 1.5}}],
         "parameters": {"normalize": True, "lambda": 0.8}})  # fmt: skip
     assert converted["parameters"] == {"alpha": 0.4}
-    converted = from_mergekit({"merge_method": "ties", "base_model": "b", "models": ["b", "x", "y"],
-                               "parameters": {"weight": 1.0, "density": 1.7, "normalize": False, "lambda": 2}})  # fmt: skip
+    converted = from_mergekit({"merge_method": "ties", "base_model": "b", "models": ["b", "x", "y"], "parameters": {
+        "weight": 1.0, "density": 1.7, "normalize": False, "lambda": 2}})  # fmt: skip
     assert [model["model"] for model in converted["models"]] == ["x", "y"]  # the base is not merged with itself
     assert converted["parameters"] == {"alpha": 2, "sign_election": "weighted", "disjoint_mean": "none",
                                        "density": 1.0}  # fmt: skip
@@ -73,8 +73,8 @@ def test_conversion_maps_mergekit_semantics():
 def test_filters_on_two_parameters_become_exclusive_regexes(in_models):
     config = MergeConfig.from_dict({"merge_method": "ties", "base_model": "base", "models": [
         {"model": "model_a", "parameters": {"weight": 1.0}}, {"model": "model_b", "parameters": {"weight": 1.0}}],
-        "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}],
-                       "lambda": [{"filter": "self_attn", "value": 0.5}, {"filter": "up_proj", "value": 2.0}]}})  # fmt: skip
+        "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}], "lambda": [
+            {"filter": "self_attn", "value": 0.5}, {"filter": "up_proj", "value": 2.0}]}})  # fmt: skip
     expected = {  # tensor name -> (density, alpha), by mergekit's rule: each parameter's first matching filter
         "model.layers.0.mlp.up_proj.weight": (0.3, 2.0),
         "model.layers.0.mlp.down_proj.weight": (0.3, 1.0),

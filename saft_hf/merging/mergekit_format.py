@@ -158,7 +158,10 @@ def _conditional(value: Any, default: Any, where: str) -> list[tuple[str | None,
     return [*options, (None, default)]
 
 
-def _model_entries(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+_Entry = tuple[str, dict[str, Any], str]  # (model reference, its mergekit parameters, where it is in the recipe)
+
+
+def _model_entries(data: dict[str, Any]) -> list[_Entry]:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError("models: a mergekit recipe needs a list of models (layer `slices` are not supported)")
@@ -216,7 +219,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"parameters: expected a mapping, got {parameters!r}")
     allowed = set(spec.shared) | set(spec.per_model) | ({"weight"} if spec.weighted else set())
     for key in sorted(set(parameters) - allowed):
-        raise ValueError(f"parameters.{key}: not a parameter of mergekit's {name} (known: {', '.join(sorted(allowed))})")
+        known = ", ".join(sorted(allowed))
+        raise ValueError(f"parameters.{key}: not a parameter of mergekit's {name} (known: {known})")
 
     models, base_model = _inputs(spec, name, base_model, entries)
     weights = [_weight(parameters, model_parameters, where) if spec.weighted else 1.0
@@ -251,8 +255,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _inputs(spec: _Method, name: str, base_model: str | None,
-            entries: list[tuple[str, dict[str, Any], str]]) -> tuple[list[tuple[str, dict[str, Any], str]], str]:  # fmt: skip
+def _inputs(spec: _Method, name: str, base_model: str | None, entries: list[_Entry]) -> tuple[list[_Entry], str]:
     """The models saft_hf merges and its base: mergekit drops the base from the inputs of base-relative methods and
     adds it to those of slerp; linear has no base (saft_hf takes the first model's folder for config files)."""
     if spec.base == "input" and name == "linear":
@@ -288,7 +291,7 @@ def _number(value: Any, where: str) -> float:
 
 
 def _shared_per_model(key: str, default: Any, parameters: dict[str, Any],
-                      models: list[tuple[str, dict[str, Any], str]]) -> list[tuple[str | None, Any]]:  # fmt: skip
+                      models: list[_Entry]) -> list[tuple[str | None, Any]]:  # fmt: skip
     """A per-model parameter as one setting for all models: their own values (all equal), else the recipe's."""
     own = [(where, _number(model_parameters[key], f"{where}.parameters.{key}"))
            for _, model_parameters, where in models if key in model_parameters]  # fmt: skip

@@ -466,8 +466,8 @@ def slerp(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequen
           dot_threshold: float = 0.9995) -> torch.Tensor:  # fmt: skip
     """Spherical interpolation between the two listed models, each tensor flattened to one vector.
 
-    mergekit's ``slerp``: ``sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b`` with ``cos(theta)`` the cosine of ``a`` and
-    ``b`` (clamped to [-1, 1]; a norm at or below 1e-8 counts as 1). Nearly collinear or antipodal pairs
+    mergekit's ``slerp``: ``sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b`` with
+    ``cos(theta)`` the cosine of ``a`` and ``b`` (clamped to [-1, 1]; a norm at or below 1e-8 counts as 1). Nearly collinear or antipodal pairs
     (``|cos| > dot_threshold``) are interpolated linearly, ``(1 - t) a + t b``. The base is not used: mergekit's
     ``base_model`` is the first model (``t = 0``). Computed in float64 (mergekit: float32 unless the inputs are
     float64)."""

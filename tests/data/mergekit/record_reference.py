@@ -150,7 +150,8 @@ def record_recipes(states: dict[str, dict[str, torch.Tensor]]) -> None:
     original = generalized_task_arithmetic.sparsify
 
     def sparsify(delta, **kwargs):
-        (name, index), = [key for key, value in deltas.items() if value.shape == delta.shape and torch.equal(value, delta)]
+        matches = [key for key, value in deltas.items() if value.shape == delta.shape and torch.equal(value, delta)]
+        (name, index), = matches
         _draw.update(seed=tensor_seed(0, name) + index, counter=itertools.repeat(0))
         return original(delta, **kwargs)
 
