@@ -46,7 +46,7 @@ def test_recipe_gives_mergekits_tensors(in_models, tmp_path, name):
         tolerance = {"rtol": 1.6e-2, "atol": 1e-5} if expected.dtype == torch.bfloat16 else {"rtol": 0, "atol": 1e-6}
         torch.testing.assert_close(ours[key], expected, **tolerance, msg=f"{name}: {key}")
     recorded = yaml.safe_load((out / "merge_config.yaml").read_text())
-    assert recorded["method"] != "merge_method" and "merge_method" not in recorded  # recorded in saft_hf's format
+    assert "merge_method" not in recorded and recorded["method"]  # recorded in saft_hf's format
 
 
 def test_conversion_maps_mergekit_semantics():
@@ -138,3 +138,29 @@ def test_int8_mask_is_accepted_and_changes_nothing(in_models):
     assert recipe["parameters"]["int8_mask"] is True
     without = {**recipe, "parameters": {"normalize": True}}
     assert MergeConfig.from_dict(recipe) == MergeConfig.from_dict(without)
+
+
+def test_command_line_merges_a_mergekit_recipe_file(in_models, tmp_path):
+    from saft_hf.cli import run_merge
+
+    out = run_merge(DATA / "recipes" / "slerp.yaml", output_dir=str(tmp_path / "out"), progress=False)
+    ours, theirs = merged_weights(out), load_file(DATA / "outputs" / "slerp.safetensors")
+    assert all(torch.allclose(ours[key], theirs[key], rtol=0, atol=1e-6) for key in theirs)
+    recorded = yaml.safe_load((out / "merge_config.yaml").read_text())
+    assert recorded["method"] == "slerp" and recorded["tensor_parameters"][0] == {"filter": "self_attn",
+                                                                                   "parameters": {"t": 0.3}}
+
+
+def test_coefficient_search_varies_slerps_t(in_models):
+    from saft_hf.merging import search_coefficients
+
+    config = MergeConfig.from_dict({"merge_method": "slerp", "base_model": "base", "models": ["model_a"],
+                                    "parameters": {"t": 0.5}})  # fmt: skip
+    target = load_file(Path("model_a") / "model.safetensors")
+
+    def closeness(state):  # highest at t = 1, the second model
+        return -sum(float((state[key].double() - target[key].double()).norm()) for key in target)
+
+    result = search_coefficients(config, closeness, write_best=False, progress=False)
+    assert [row["t"] for row in result.table] == [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    assert result.best_parameters == {"t": 1.0} and result.best_score == pytest.approx(0.0, abs=1e-6)
