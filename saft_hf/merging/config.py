@@ -14,6 +14,7 @@ import yaml
 
 from .. import hub
 from ..checkpoints import parse_size
+from .mergekit_format import from_mergekit, is_mergekit_recipe
 from .methods import get_method
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -182,6 +183,8 @@ class MergeConfig:
     def from_dict(cls, data: dict[str, Any]) -> MergeConfig:
         if not isinstance(data, dict):
             raise ValueError(f"merge recipe: expected a mapping, got {type(data).__name__}")
+        if is_mergekit_recipe(data):  # mergekit's format, read with its semantics (see mergekit_format)
+            data = from_mergekit(data)
         _reject_unknown(data, _field_names(cls), "")
         for required in ("base_model", "models", "method"):
             if required not in data:

@@ -79,6 +79,7 @@ class MergeMethod:
     max_models: int | None = None
     uses_weights: bool = True
     seeded: bool = False  # takes ``seed``; the engine derives one per tensor name
+    coefficient: str | None = "alpha"  # the scale (or interpolation) parameter a coefficient search varies
     check: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)  # cross-parameter rules
 
     @property
@@ -164,28 +165,41 @@ def _kth_largest(flat: torch.Tensor, k: int) -> float:
     return float(np.partition(flat.numpy(), position)[position])
 
 
-def magnitude_band(magnitude: torch.Tensor, density: float, drop_top: float = 0.0) -> tuple[float, float]:
-    """Thresholds ``(low, high)`` selecting the entries ranked below the top ``drop_top`` fraction by magnitude but
-    within the top ``drop_top + density`` fraction (counts rounded to the nearest integer): keep
-    ``low <= |x| < high``. Thresholds come from a selection, not a sort; entries tied with a threshold are all
-    kept at the low end and all dropped at the high end."""
+def magnitude_band(magnitude: torch.Tensor, keep: int, drop: int = 0) -> tuple[float, float]:
+    """Thresholds ``(low, high)`` selecting the ``keep`` entries ranked just below the ``drop`` largest by magnitude:
+    keep ``low <= |x| < high``. Thresholds come from a selection, not a sort; entries tied with a threshold are all
+    kept at the low end and all dropped at the high end (mergekit and PEFT break such ties by position)."""
     flat = magnitude.reshape(-1)
     count = flat.numel()
-    n_drop = min(count, round(drop_top * count))
-    n_keep = min(count, n_drop + round(density * count))
-    low = _kth_largest(flat, n_keep) if n_keep > n_drop else math.inf
-    high = _kth_largest(flat, n_drop) if n_drop else math.inf
+    drop = min(count, drop)
+    last = min(count, drop + keep)
+    low = _kth_largest(flat, last) if last > drop else math.inf
+    high = _kth_largest(flat, drop) if drop else math.inf
     return low, high
 
 
-def _magnitude_sparsifier(density: float, drop_top: float = 0.0) -> Sparsify:
-    """Zero each task vector outside its magnitude band; the band's thresholds are computed once per model."""
+def _trim_count(density: float, count: int) -> int:
+    """Entries TIES keeps: ``max(1, int(density * count))``, mergekit's ``sparsify.magnitude`` (PEFT's ``prune``
+    keeps ``int(density * count)`` too, but none where that is 0)."""
+    return max(1, int(density * count))
+
+
+def _band_counts(density: float, gamma: float, count: int) -> tuple[int, int]:
+    """Breadcrumbs' ``(keep, drop)`` as mergekit's ``magnitude_outliers`` defines them: keep ``int(density * n)``
+    entries below the ``int(gamma * n)`` largest, dropping fewer outliers where both do not fit."""
+    keep = int(density * count)
+    return keep, min(int(gamma * count), count - keep)
+
+
+def _magnitude_sparsifier(counts: Callable[[int], tuple[int, int]]) -> Sparsify:
+    """Zero each task vector outside its magnitude band (``counts(numel) -> (keep, drop)``); the band's thresholds
+    are computed once per model."""
     bands: dict[int, tuple[float, float]] = {}
 
     def sparsify(index: int, delta: torch.Tensor) -> torch.Tensor:
         magnitude = delta.abs()
         if index not in bands:
-            bands[index] = magnitude_band(magnitude, density, drop_top)
+            bands[index] = magnitude_band(magnitude, *counts(delta.numel()))
         low, high = bands[index]
         keep = magnitude >= low
         if high != math.inf:
@@ -200,14 +214,23 @@ def _model_generator(seed: int, model_index: int) -> torch.Generator:
 
 
 def dare_sparsify(delta: torch.Tensor, density: float, rescale: str, generator: torch.Generator) -> torch.Tensor:
-    """Drop each entry independently with probability ``1 - density`` and rescale the survivors by
-    ``1 / density`` (``"inverse_density"``, the DARE paper) or so that the L1 norm is unchanged (``"l1_norm"``)."""
+    """Drop each entry independently with probability ``1 - density`` (keep where ``torch.rand`` in float32 is
+    below ``density``) and rescale the survivors (see :func:`_rescale`, ``1 / density`` for ``"inverse_density"``)."""
     keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    kept = torch.where(keep, delta, 0.0)
+    return _rescale(delta, torch.where(keep, delta, 0.0), rescale, density)
+
+
+def _rescale(delta: torch.Tensor, kept: torch.Tensor, rescale: str, probability: float | torch.Tensor) -> torch.Tensor:
+    """Rescale the kept entries of ``delta``: divided by their keep ``probability`` (``"inverse_density"``: DARE's
+    and DELLA's unbiased rescale), by one factor that restores the L1 norm of ``delta`` (``"l1_norm"``, mergekit's
+    ``rescale: true``; left as is when nothing is kept, where mergekit also skips norms below 1e-7), or not at all
+    (``"none"``, mergekit's ``rescale: false``)."""
     if rescale == "inverse_density":
-        return kept.div_(density)
-    norm_before, norm_after = delta.abs().sum(), kept.abs().sum()
-    return kept.mul_(norm_before / norm_after) if norm_after > 0 else kept
+        return kept.div_(probability)
+    if rescale == "l1_norm":
+        norm_before, norm_after = delta.abs().sum(), kept.abs().sum()
+        return kept.mul_(norm_before / norm_after) if norm_after > 0 else kept
+    return kept
 
 
 def _weighted_sum(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
@@ -222,29 +245,36 @@ def _weighted_sum(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights
 
 def _sign_consensus(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
                     sparsify: Sparsify, sign_election: str, disjoint_mean: str) -> torch.Tensor:  # fmt: skip
-    """TIES steps 2-3 on sparsified task vectors: elect a sign per entry, average the entries that agree with it.
+    """TIES steps 2-3 on sparsified task vectors: elect a sign per entry, combine the entries that agree with it.
 
     ``sparsify(t, tau_t)`` must be deterministic: it is called twice per model so that only one task vector is
-    alive at a time. The elected sign is that of ``sum_t c_t * sparse_t`` with ``c_t = w_t`` (``"weighted"``,
-    mergekit) or ``1`` (``"unweighted"``, PEFT); a zero sum elects ``+`` (both). The disjoint mean is
-    ``sum_{t agrees} w_t * sparse_t`` divided by ``sum_{t agrees} w_t`` (``"weight_sum"``, mergekit) or by the
-    number of agreeing models (``"count"``, PEFT); zero entries never agree, an entry no model agrees on is 0.
-    The TIES paper has no per-model weights: with all ``w_t = 1`` every combination is its formula.
+    alive at a time. With ``"weighted"`` sign election (mergekit's ``consensus_method: sum``) the elected sign is
+    that of ``sum_t w_t sparse_t`` and model t agrees where ``w_t sparse_t`` has it; with ``"unweighted"`` (PEFT's
+    ``majority_sign_method="total"``) both use ``sparse_t`` alone; a zero sum elects ``+`` (both libraries), zero
+    entries never agree. The agreeing ``w_t sparse_t`` are summed and divided by the agreeing weights
+    (``"weight_sum"``, mergekit's ``normalize: true``), by the number of agreeing models (``"count"``, PEFT), or
+    not at all (``"none"``, mergekit's ``normalize: false``); a zero divisor divides by 1 (an entry no model agrees
+    on is 0). The TIES paper has no per-model weights: with all ``w_t = 1`` the two sign rules and the two means
+    are its formula.
     """
+    weighted = sign_election == "weighted"
     base64 = _as_compute(base)
     sign_sum = torch.zeros_like(base64)
     for index, (weight, delta) in enumerate(zip(weights, _task_vectors(base64, finetuned))):
-        sign_sum.add_(sparsify(index, delta), alpha=weight if sign_election == "weighted" else 1.0)
+        sign_sum.add_(sparsify(index, delta), alpha=weight if weighted else 1.0)
     positive = sign_sum >= 0
     del sign_sum
     numerator, denominator = torch.zeros_like(base64), torch.zeros_like(base64)
     for index, (weight, delta) in enumerate(zip(weights, _task_vectors(base64, finetuned))):
         sparse = sparsify(index, delta)
-        agrees = ((sparse > 0) == positive) & (sparse != 0)
+        voted = sparse * weight if weighted else sparse  # the vector whose sign counts as this model's vote
+        agrees = ((voted > 0) == positive) & (voted != 0)
         numerator.add_(torch.where(agrees, sparse, 0.0), alpha=weight)
-        denominator.add_(agrees, alpha=weight if disjoint_mean == "weight_sum" else 1.0)
-    merged = numerator.div_(denominator.masked_fill_(denominator == 0, 1.0))  # no agreeing model: 0 / 1
-    return base64.add_(merged, alpha=alpha)
+        if disjoint_mean != "none":
+            denominator.add_(agrees, alpha=weight if disjoint_mean == "weight_sum" else 1.0)
+    if disjoint_mean != "none":
+        numerator.div_(denominator.masked_fill_(denominator == 0, 1.0))
+    return base64.add_(numerator, alpha=alpha)
 
 
 def _alpha(default: float) -> MethodParameter:
@@ -261,12 +291,12 @@ _SIGN_ELECTION = MethodParameter(
     "weighted", kind=str, choices=("weighted", "unweighted"),
 )  # fmt: skip
 _DISJOINT_MEAN = MethodParameter(
-    "disjoint_mean", "Divide the agreeing sum by the agreeing weights (mergekit) or by their count (PEFT).",
-    "weight_sum", kind=str, choices=("weight_sum", "count"),
+    "disjoint_mean", "Divide the agreeing sum by the agreeing weights (mergekit), by their count (PEFT), or not.",
+    "weight_sum", kind=str, choices=("weight_sum", "count", "none"),
 )  # fmt: skip
 _RESCALE = MethodParameter(
-    "rescale", "Rescale kept entries by 1/density (DARE paper) or to keep the L1 norm.", "inverse_density",
-    kind=str, choices=("inverse_density", "l1_norm"),
+    "rescale", "Rescale kept entries by 1/density (DARE paper), to keep the L1 norm (mergekit), or not.",
+    "inverse_density", kind=str, choices=("inverse_density", "l1_norm", "none"),
 )  # fmt: skip
 _SEED = MethodParameter("seed", "Seed of the random drop masks.", 0, kind=int)
 
@@ -274,7 +304,8 @@ _SEED = MethodParameter("seed", "Seed of the random drop masks.", 0, kind=int)
 # ---- the methods ------------------------------------------------------------------------------------------------
 
 
-@register_merge_method("weight_average", reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)")
+@register_merge_method("weight_average", reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+                       coefficient=None)  # fmt: skip
 def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean of the fine-tuned weights: ``sum_t w_t theta_t / sum_t w_t`` (weights are normalised).
 
@@ -304,17 +335,18 @@ def task_arithmetic(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weigh
 )  # fmt: skip
 def ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
          density: float = 0.2, sign_election: Literal["weighted", "unweighted"] = "weighted",
-         disjoint_mean: Literal["weight_sum", "count"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+         disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
     """TIES: trim, elect sign, disjoint mean, then ``theta_0 + alpha * merged``.
 
-    Trim keeps the top ``density`` fraction of each ``tau_t`` by magnitude, per tensor (the paper's pruned
-    fraction is ``1 - density``). Sign election and the disjoint mean follow the options documented in
-    ``_sign_consensus`` (defaults: mergekit's); with all weights 1 every option combination is the paper's
+    Trim keeps the ``max(1, int(density * n))`` largest-magnitude entries of each ``tau_t``, per tensor of ``n``
+    entries: mergekit's count, and PEFT's wherever ``density * n >= 1`` (PEFT keeps none below); rounding
+    ``density * n`` to the nearest integer instead would keep one more entry wherever it rounds up. The paper's
+    pruned fraction is ``1 - density``. Sign election and the disjoint mean follow the options documented in
+    ``_sign_consensus`` (defaults: mergekit's ``ties``); with all weights 1 every option combination is the paper's
     formula, and ``sign_election="unweighted", disjoint_mean="count"`` is PEFT's ``ties``.
     """
-    return _sign_consensus(
-        base, finetuned, weights, alpha, _magnitude_sparsifier(density), sign_election, disjoint_mean
-    )
+    trim = _magnitude_sparsifier(lambda count: (_trim_count(density, count), 0))
+    return _sign_consensus(base, finetuned, weights, alpha, trim, sign_election, disjoint_mean)
 
 
 def _dare_sparsifier(density: float, rescale: str, seed: int) -> Sparsify:
@@ -332,7 +364,7 @@ _DARE_PAPER = "Yu et al. 2024, Language models are Super Mario: absorbing abilit
 )
 def dare_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
                 alpha: float = 0.3, density: float = 0.5,
-                rescale: Literal["inverse_density", "l1_norm"] = "inverse_density", seed: int = 0) -> torch.Tensor:  # fmt: skip
+                rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0) -> torch.Tensor:  # fmt: skip
     """DARE then task arithmetic: ``theta_0 + alpha * sum_t w_t DARE(tau_t)``.
 
     DARE drops each entry with probability ``1 - density`` and rescales the survivors (``rescale``). Model ``t``'s
@@ -348,20 +380,14 @@ def dare_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
 )  # fmt: skip
 def dare_ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
               alpha: float = 1.0, density: float = 0.5,
-              rescale: Literal["inverse_density", "l1_norm"] = "inverse_density", seed: int = 0,
+              rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0,
               sign_election: Literal["weighted", "unweighted"] = "weighted",
-              disjoint_mean: Literal["weight_sum", "count"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+              disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
     """DARE in place of TIES' magnitude trim, then TIES sign election and disjoint mean (as in ``ties``);
     masks are seeded as in ``dare_linear``."""
     return _sign_consensus(
         base, finetuned, weights, alpha, _dare_sparsifier(density, rescale, seed), sign_election, disjoint_mean
     )
-
-
-def _check_band(parameters: dict[str, Any], where: str) -> None:
-    if parameters["density"] + parameters["gamma"] > 1:
-        raise ValueError(f"{where}.gamma: density + gamma must be <= 1, got {parameters['density']} + "
-                         f"{parameters['gamma']}")  # fmt: skip
 
 
 @register_merge_method(
@@ -373,26 +399,30 @@ def _check_band(parameters: dict[str, Any], where: str) -> None:
         MethodParameter("gamma", "Fraction of largest-magnitude entries (outliers) removed.", 0.01, minimum=0.0,
                         maximum=1.0),
     ),
-    check=_check_band,
 )  # fmt: skip
 def breadcrumbs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
                 alpha: float = 0.3, density: float = 0.9, gamma: float = 0.01) -> torch.Tensor:  # fmt: skip
-    """Model breadcrumbs: per tensor and model, drop the top ``gamma`` fraction of ``tau_t`` by magnitude
-    (outliers) and keep the next ``density`` fraction, then ``theta_0 + alpha * sum_t w_t masked_t`` (mergekit's
-    convention). ``gamma = 0`` is plain magnitude pruning followed by task arithmetic."""
-    return _weighted_sum(base, finetuned, weights, alpha, _magnitude_sparsifier(density, gamma))
+    """Model breadcrumbs: per tensor of ``n`` entries and model, drop the ``int(gamma * n)`` largest entries of
+    ``tau_t`` by magnitude (outliers) and keep the next ``int(density * n)``, then ``theta_0 + alpha * sum_t w_t
+    masked_t``: mergekit's ``magnitude_outliers`` counts, which drop fewer outliers when ``density + gamma > 1``
+    so that ``density`` is kept. ``gamma = 0`` is PEFT's ``magnitude_prune`` (magnitude pruning with
+    ``int(density * n)`` kept, then task arithmetic)."""
+    band = _magnitude_sparsifier(lambda count: _band_counts(density, gamma, count))
+    return _weighted_sum(base, finetuned, weights, alpha, band)
 
 
 @register_merge_method(
     "model_stock", reference="Jang et al. 2024, Model stock: all we need is just a few fine-tuned models "
-    "(arXiv:2403.19522)", min_models=2, uses_weights=False,
+    "(arXiv:2403.19522)", min_models=2, uses_weights=False, coefficient=None,
 )  # fmt: skip
 def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Model stock, per tensor: ``theta_0 + t * mean_t tau_t`` with ``t = T cos / ((T - 1) cos + 1)``.
 
     ``cos`` is the mean pairwise cosine between the task vectors of this tensor, obtained in one pass from
     ``sum_{i<j} u_i.u_j = (|sum u_i|^2 - sum |u_i|^2) / 2`` for the unit vectors ``u_i``; a zero task vector has
-    cosine 0 with every other. Weights are not used.
+    cosine 0 with every other. Where ``|(T - 1) cos + 1| < 1e-6`` the ratio has no finite estimate and the base is
+    kept (mergekit's rule). mergekit also clamps each pair's ``|tau_i| |tau_j|`` at 1e-6, which shrinks the cosine
+    of task vectors whose norms are below about 1e-3; this is the exact cosine. Weights are not used.
     """
     count = len(finetuned)
     base64 = _as_compute(base)
@@ -406,7 +436,7 @@ def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
     pair_sum = (torch.linalg.vector_norm(unit_total).item() ** 2 - nonzero) / 2
     cosine = pair_sum / (count * (count - 1) / 2)
     denominator = (count - 1) * cosine + 1
-    ratio = count * cosine / denominator if denominator != 0 else 0.0
+    ratio = count * cosine / denominator if abs(denominator) >= 1e-6 else 0.0
     return base64.add_(total, alpha=ratio / count)
 
 
@@ -422,3 +452,228 @@ def linear_interpolation(base: torch.Tensor, finetuned: Sequence[torch.Tensor], 
     [0, 1] extrapolates). ``alpha = 0`` and ``1`` give the end points exactly."""
     first, second = finetuned
     return _as_compute(first).mul_(1.0 - alpha).add_(second.to(COMPUTE_DTYPE), alpha=alpha)
+
+
+@register_merge_method(
+    "slerp", reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); as model merging in "
+    "mergekit (Goddard et al. 2024, arXiv:2403.13257)", parameters=(
+        MethodParameter("t", "Position on the great arc from the first model (0) to the second (1).", 0.5),
+        MethodParameter("dot_threshold", "Above this |cosine| the models are interpolated linearly.", 0.9995,
+                        minimum=0.0, maximum=1.0),
+    ), min_models=2, max_models=2, uses_weights=False, coefficient="t",
+)  # fmt: skip
+def slerp(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, t: float = 0.5,
+          dot_threshold: float = 0.9995) -> torch.Tensor:  # fmt: skip
+    """Spherical interpolation between the two listed models, each tensor flattened to one vector.
+
+    mergekit's ``slerp``: ``sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b`` with
+    ``cos(theta)`` the cosine of ``a`` and ``b`` (clamped to [-1, 1]; a norm at or below 1e-8 counts as 1). Nearly collinear or antipodal pairs
+    (``|cos| > dot_threshold``) are interpolated linearly, ``(1 - t) a + t b``. The base is not used: mergekit's
+    ``base_model`` is the first model (``t = 0``). Computed in float64 (mergekit: float32 unless the inputs are
+    float64)."""
+    first, second = (_as_compute(tensor).reshape(-1) for tensor in finetuned)
+    norms = [torch.linalg.vector_norm(vector).item() for vector in (first, second)]
+    norm_first, norm_second = (norm if norm > 1e-8 else 1.0 for norm in norms)
+    cosine = min(1.0, max(-1.0, torch.dot(first / norm_first, second / norm_second).item()))
+    if abs(cosine) > dot_threshold:
+        coefficient_first, coefficient_second = 1.0 - t, t
+    else:
+        theta = math.acos(cosine)
+        coefficient_first = math.sin((1.0 - t) * theta) / math.sin(theta)
+        coefficient_second = math.sin(t * theta) / math.sin(theta)
+    return first.mul_(coefficient_first).add_(second, alpha=coefficient_second).reshape(base.shape)
+
+
+def _della_sparsifier(density: float, epsilon: float, rescale: str, seed: int) -> Sparsify:
+    def sparsify(index: int, delta: torch.Tensor) -> torch.Tensor:
+        # 2-D and 1-D tensors are ranked as mergekit ranks them; larger ones per row of their first dimension.
+        rows = delta.reshape(1 if delta.dim() < 2 else delta.shape[0], -1)
+        ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(COMPUTE_DTYPE)
+        spread = rows.shape[1] - 1
+        position = ranks / spread if spread else torch.full_like(ranks, 0.5)
+        probability = (density - epsilon) + 2 * epsilon * position
+        keep = torch.rand(rows.shape, generator=_model_generator(seed, index), dtype=torch.float32) < probability
+        return _rescale(rows, torch.where(keep, rows, 0.0), rescale, probability).reshape(delta.shape)
+
+    return sparsify
+
+
+def _check_della(parameters: dict[str, Any], where: str) -> None:
+    density, epsilon = parameters["density"], parameters["epsilon"]
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"{where}.epsilon: density - epsilon and density + epsilon must lie in (0, 1), got "
+                         f"{density} -+ {epsilon}")  # fmt: skip
+
+
+_DELLA_PAPER = ("Deep et al. 2024, DELLA-Merging: reducing interference in model merging through magnitude-based "
+                "sampling (arXiv:2406.11617)")  # fmt: skip
+_EPSILON = MethodParameter("epsilon", "Half-width of the keep-probability range around density (mergekit's).", 0.15,
+                           minimum=0.0)  # fmt: skip
+_DELLA_RESCALE = MethodParameter(
+    "rescale", "Rescale kept entries by 1/their keep probability (paper), to keep the L1 norm (mergekit), or not.",
+    "inverse_density", kind=str, choices=("inverse_density", "l1_norm", "none"),
+)  # fmt: skip
+_DELLA_DOC = """MagPrune keeps each entry of ``tau_t`` with a probability rising linearly with its magnitude rank,
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest), ranks taken within each row of a 2-D
+    tensor and over all of a 1-D tensor (mergekit's ``della_magprune``; a tensor of more dimensions is ranked per
+    row of its first dimension, where mergekit ranks along dimension 1 only; a single-entry row gets ``density``;
+    magnitude ties are ranked by position). The paper writes the same window as drop probabilities
+    ``1 - density -+ epsilon``. Kept entries are divided by their keep probability (``rescale="inverse_density"``,
+    the paper) or rescaled as ``rescale`` says (``"l1_norm"`` is mergekit's ``rescale: true``). Model ``t``'s
+    draws are ``torch.rand`` (float32) from ``torch.Generator().manual_seed(seed + t)``, seeded per tensor by the
+    engine as in ``dare_linear``. ``density >= 1`` keeps everything. Defaults: the paper tunes density and
+    epsilon; ``density`` is DARE's default here and ``epsilon`` mergekit's."""
+
+
+@register_merge_method(
+    "della", reference=_DELLA_PAPER, seeded=True, check=_check_della,
+    parameters=(_alpha(1.0), _density(0.5), _EPSILON, _DELLA_RESCALE, _SEED, _SIGN_ELECTION, _DISJOINT_MEAN),
+)  # fmt: skip
+def della(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
+          density: float = 0.5, epsilon: float = 0.15,
+          rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0,
+          sign_election: Literal["weighted", "unweighted"] = "weighted",
+          disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+    """DELLA: MagPrune each task vector, elect signs and fuse the agreeing entries as TIES does, scale by ``alpha``.
+
+    {doc}
+    """
+    sparsify = _della_sparsifier(density, epsilon, rescale, seed) if density < 1 else (lambda index, delta: delta)
+    return _sign_consensus(base, finetuned, weights, alpha, sparsify, sign_election, disjoint_mean)
+
+
+@register_merge_method(
+    "della_linear", reference=_DELLA_PAPER, seeded=True, check=_check_della,
+    parameters=(_alpha(1.0), _density(0.5), _EPSILON, _DELLA_RESCALE, _SEED),
+)  # fmt: skip
+def della_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
+                 alpha: float = 1.0, density: float = 0.5, epsilon: float = 0.15,
+                 rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
+                 seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """DELLA without sign election: ``theta_0 + alpha * sum_t w_t MagPrune(tau_t)`` (mergekit's ``della_linear``).
+
+    {doc}
+    """
+    sparsify = _della_sparsifier(density, epsilon, rescale, seed) if density < 1 else None
+    return _weighted_sum(base, finetuned, weights, alpha, sparsify)
+
+
+della.__doc__ = della.__doc__.format(doc=_DELLA_DOC)
+della_linear.__doc__ = della_linear.__doc__.format(doc=_DELLA_DOC)
+
+
+# ---- SVD methods: per 2-D weight matrix, task arithmetic on every other tensor -------------------------------------
+
+
+def _polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthonormal factor ``P Q^T`` of ``matrix = P S Q^T``: the closest matrix with orthonormal columns."""
+    left, _, right = torch.linalg.svd(matrix, full_matrices=False)
+    return left @ right
+
+
+def _task_vector_sum(base64: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros_like(base64)
+    for delta in _task_vectors(base64, finetuned):
+        total.add_(delta)
+    return total
+
+
+@register_merge_method(
+    "tsv_m", reference="Gargiulo et al. 2025, Task singular vectors: reducing task interference in model merging "
+    "(CVPR 2025, arXiv:2412.00081)", parameters=(_alpha(1.0),), uses_weights=False,
+)  # fmt: skip
+def tsv_m(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
+          alpha: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Task Singular Vectors merge: each task's top singular vectors, whitened together, per 2-D weight matrix.
+
+    Per matrix ``tau_t`` (m x n, k = min(m, n)) of T tasks: keep each task's top
+    ``r = int(k / T)`` singular triplets ``U_t S_t V_t^T``, concatenate ``U = [U_1 .. U_T]``, ``S``, ``V``,
+    replace ``U`` and ``V`` by their orthonormal polar factors (``U = P Q^T`` from ``U = P Sigma Q^T``, the
+    closest orthonormal matrix, i.e. whitening) and return ``theta_0 + alpha * U diag(S) V^T``; with ``T > k``,
+    ``r = 0`` and the merge is the base. Every other tensor (biases, norms, the conv
+    stem) gets the mean task vector, as the paper's code does. ``alpha`` 1 as in the paper.
+
+    Memory: task matrices are decomposed one at a time; the concatenated factors hold ``T r <= k`` columns, so the
+    working set is one SVD plus ``(m + n) k`` numbers, constant in T. Weights are not used (the paper has none).
+    """
+    base64 = _as_compute(base)
+    count = len(finetuned)
+    if base64.dim() != 2:
+        return base64.add_(_task_vector_sum(base64, finetuned), alpha=alpha / count)
+    rank = min(base64.shape) // count
+    if rank == 0:
+        return base64
+    lefts, values, rights = [], [], []
+    for delta in _task_vectors(base64, finetuned):
+        left, singular, right = torch.linalg.svd(delta, full_matrices=False)
+        lefts.append(left[:, :rank])
+        values.append(singular[:rank])
+        rights.append(right[:rank])
+        del left, singular, right, delta
+    left, right = _polar(torch.cat(lefts, dim=1)), _polar(torch.cat(rights, dim=0).T).T
+    return base64.add_(left @ torch.diag(torch.cat(values)) @ right, alpha=alpha)
+
+
+_ISO_PAPER = ("Marczak et al. 2025, No task left behind: isotropic model merging with common and task-specific "
+              "subspaces (ICML 2025, arXiv:2502.04959)")  # fmt: skip
+
+
+@register_merge_method("iso_c", reference=_ISO_PAPER, parameters=(_alpha(1.0),), uses_weights=False)
+def iso_c(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
+          alpha: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Isotropic merge: the summed task matrices with a flat spectrum, per 2-D weight matrix.
+
+    Per matrix: the task-arithmetic sum ``sum_t tau_t = U S V^T`` with every singular value
+    replaced by their mean (a flat, isotropic spectrum), ``theta_0 + alpha * mean(S) U V^T``. Every other tensor
+    gets ``theta_0 + alpha * sum_t tau_t`` (task arithmetic, as the paper's code). The paper selects ``alpha`` on
+    validation data (default 1 here; search it). Memory: the running sum and one SVD, constant in T."""
+    base64 = _as_compute(base)
+    total = _task_vector_sum(base64, finetuned)
+    if base64.dim() != 2:
+        return base64.add_(total, alpha=alpha)
+    left, singular, right = torch.linalg.svd(total, full_matrices=False)
+    return base64.add_(left @ right, alpha=alpha * singular.mean().item())
+
+
+@register_merge_method(
+    "iso_cts", reference=_ISO_PAPER, uses_weights=False, parameters=(
+        _alpha(1.0),
+        MethodParameter("common_space_fraction", "Fraction of each matrix's rank given to the common subspace.", 0.8,
+                        minimum=0.0, maximum=1.0),
+    ),
+)  # fmt: skip
+def iso_cts(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
+            common_space_fraction: float = 0.8) -> torch.Tensor:  # fmt: skip
+    """Isotropic merge in a common plus task-specific subspaces, per 2-D weight matrix.
+
+    Per matrix (m x n, k = min(m, n)) of T tasks: the common subspace is the top
+    ``c = int(k * common_space_fraction)`` singular triplets of ``sum_t tau_t``; each task adds the top
+    ``s = int((k - c) / T)`` singular triplets of its own matrix with the common left subspace projected out
+    (``tau_t - U_c U_c^T tau_t``). The ``T s + c`` left and right vectors are orthonormalised by their polar
+    factors, all singular values are replaced by their mean, and the result is ``theta_0 + alpha * U diag(mean)
+    V^T``. Every other tensor gets task arithmetic, ``theta_0 + alpha * sum_t tau_t``. Paper defaults: common
+    fraction 0.8; ``alpha`` is selected on validation data (1 here; search it).
+
+    Memory: two passes over the models, one matrix at a time; the running sum, ``U_c`` and the stacked factors
+    (at most ``k`` columns) are held: constant in T.
+    """
+    base64 = _as_compute(base)
+    total = _task_vector_sum(base64, finetuned)
+    if base64.dim() != 2:
+        return base64.add_(total, alpha=alpha)
+    size = min(base64.shape)
+    common = int(size * common_space_fraction)
+    per_task = (size - common) // len(finetuned)
+    left, singular, right = torch.linalg.svd(total, full_matrices=False)
+    common_left = left[:, :common]
+    lefts, values, rights = [common_left], [singular[:common]], [right[:common]]
+    del total, left, singular, right
+    for delta in _task_vectors(base64, finetuned):
+        specific = delta.sub_(common_left @ (common_left.T @ delta))
+        left, singular, right = torch.linalg.svd(specific, full_matrices=False)
+        lefts.append(left[:, :per_task])
+        values.append(singular[:per_task])
+        rights.append(right[:per_task])
+        del left, singular, right, specific, delta
+    left, right = _polar(torch.cat(lefts, dim=1)), _polar(torch.cat(rights, dim=0).T).T
+    return base64.add_(left @ right, alpha=alpha * torch.cat(values).mean().item())

@@ -41,11 +41,12 @@ class SearchResult:
 
 
 def paper_grid(method: str) -> dict[str, list[float]]:
-    """The paper's grid for ``method``: ``alpha`` always, ``density`` too for ``ties``."""
-    declared = {parameter.name for parameter in get_method(method).parameters}
-    if "alpha" not in declared:
-        raise ValueError(f"method {method!r} has no alpha parameter; pass an explicit grid")
-    grid = {"alpha": list(PAPER_ALPHA_GRID)}
+    """The paper's grid for ``method``: its coefficient (``alpha``, or ``t`` for ``slerp``) over the paper's alpha
+    values, and ``density`` too for ``ties``."""
+    coefficient = get_method(method).coefficient
+    if coefficient is None:
+        raise ValueError(f"method {method!r} has no coefficient to search (alpha); pass an explicit grid")
+    grid = {coefficient: list(PAPER_ALPHA_GRID)}
     if method == "ties":
         grid["density"] = list(PAPER_TIES_DENSITY_GRID)
     return grid
