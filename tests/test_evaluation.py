@@ -361,7 +361,7 @@ def test_text_ftts_is_scored_by_generating_with_the_linearised_forward(tmp_path,
 
 def test_finetune_mode_of_a_state_dict_is_checked(tmp_path, sentiment):
     model, tokenizer, rows = sentiment
-    with pytest.raises(ValueError, match="finetune_mode='ftts' describes the weights of state_dict, and none was given"):
+    with pytest.raises(ValueError, match="finetune_mode='ftts' describes the weights of state_dict, and none was"):
         evaluate_model(model, SST2, data=rows, processor=tokenizer, finetune_mode="ftts", progress=False)
     with pytest.raises(ValueError, match="finetune_mode must be one of .* got 'linear'"):
         evaluate_model(model, SST2, data=rows, processor=tokenizer, state_dict=model.state_dict(),

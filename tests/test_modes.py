@@ -434,7 +434,7 @@ def test_ftts_generation_decodes_the_hand_linearisation_step_by_step(pretrained)
         decoder_ids = torch.cat([decoder_ids, (value + tangent).argmax(-1, keepdim=True)], dim=1)
     assert min(margins) > 1e-6  # no near-tie that rounding could flip
     # An end-of-sequence token the reference never produces, so no row stops early.
-    model.generation_config.eos_token_id = min(set(range(model.config.vocab_size)) - set(decoder_ids.flatten().tolist()))
+    model.generation_config.eos_token_id = min(set(range(model.config.vocab_size)) - set(decoder_ids.view(-1).tolist()))
 
     linearized = LinearizedModel(copy.deepcopy(model)).eval()
     with torch.no_grad():
