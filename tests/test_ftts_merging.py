@@ -144,7 +144,8 @@ def test_inputs_of_different_modes_are_refused(tmp_path, family):
         merge(_recipe(base, [folders[0], tmp_path / "unmarked"], tmp_path / "mixed"), progress=False)
     assert not (tmp_path / "mixed").exists()
     # ... while a plain-forward merge takes it, and records the one mode recorded.
-    merged = merge(_recipe(base, [tmp_path / "full", tmp_path / "unmarked"], tmp_path / "plain"), progress=False)
+    with pytest.warns(UserWarning, match=r"no input's zero_shot_head.safetensors: only models\[0\] \(.*full\) of"):
+        merged = merge(_recipe(base, [tmp_path / "full", tmp_path / "unmarked"], tmp_path / "plain"), progress=False)
     config = json.loads((merged / "config.json").read_text())
     assert config["saft_finetune_mode"] == "full" and "saft_base_model" not in config
 

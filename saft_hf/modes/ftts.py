@@ -218,20 +218,21 @@ class LinearizedModel(PreTrainedModel):
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
 
+        # Only the last position's logits choose the next token.
         def first_step(params):
             output = self._output(params, {**inputs, "decoder_input_ids": decoder_ids})
-            return output.logits, output.encoder_last_hidden_state
+            return output.logits[:, -1], output.encoder_last_hidden_state
 
         def next_step(params, encoder_hidden):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
             return self._output(params, {**inputs, "encoder_outputs": encoder_outputs,
-                                         "decoder_input_ids": decoder_ids}).logits  # fmt: skip
+                                         "decoder_input_ids": decoder_ids}).logits[:, -1]  # fmt: skip
 
         (logits, encoder_hidden), (tangent, encoder_tangent) = self._jvp(first_step, (base,), (delta,))
         for step in range(max_new_tokens):
             if step > 0:
                 logits, tangent = self._jvp(next_step, (base, encoder_hidden), (delta, encoder_tangent))
-            tokens = (logits[:, -1] + tangent[:, -1]).argmax(dim=-1).masked_fill(finished, generation.pad_token_id)
+            tokens = (logits + tangent).argmax(dim=-1).masked_fill(finished, generation.pad_token_id)
             decoder_ids = torch.cat([decoder_ids, tokens[:, None]], dim=1)
             finished |= torch.isin(tokens, eos)
             if finished.all():
