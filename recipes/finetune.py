@@ -23,8 +23,8 @@ the file. The run writes to `output_dir`:
 - the fine-tuned model with its image processor or tokenizer, scored by `saft_hf.evaluation.evaluate_model`:
   image tasks, `full`/`ftlo`/`ftts`: a `CLIPVisionModel` folder plus `zero_shot_head.safetensors` (`ftts` records
   `saft_finetune_mode` and the base model in its config); `lora`: the PEFT adapter plus the head file; text tasks:
-  a seq2seq LM folder, or the adapter for `lora`. `ftts` is refused for text tasks: a linearised Flan-T5 cannot
-  generate, so it could be neither scored nor checkpoint-selected;
+  a seq2seq LM folder (`ftts` records its mode and base as above, and generates with its linearised forward), or
+  the adapter for `lora`;
 - `finetune_config.yaml`: the resolved configuration (file values and flags; `--config` it to re-run);
 - `trainer_state.json` (the log history, including `sam/*` metrics), `{train,eval,test}_results.json` and
   `all_results.json`: accuracy on the validation (`eval_*`) and test splits (text tasks: generation accuracy,
@@ -325,13 +325,8 @@ def find_task(name: str) -> Task:
 
 
 def check_finetune_mode(task: Task, finetune_mode: str) -> None:
-    """Refuse a mode the task cannot be trained and scored in, before anything is loaded or written."""
-    if isinstance(task, TextToTextTask) and finetune_mode == "ftts":
-        raise ValueError(
-            f"finetune_mode='ftts' is not supported for the text-to-text task {task.name!r}: a linearised seq2seq "
-            "model cannot generate, so its label-word accuracy could be neither measured nor used to keep the best "
-            "checkpoint. Use finetune_mode full, ftlo or lora."
-        )
+    """Refuse a mode the task cannot be trained and scored in, before anything is loaded or written. Every mode
+    trains and scores every task: a linearised (FTTS) Flan-T5 generates with its linearised forward at each step."""
 
 
 def check_resume_checkpoint(checkpoint: str | None) -> None:

@@ -11,8 +11,11 @@
 All metrics go through the project's offline `evaluate` modules (`saft_hf.metrics.load_metric`).
 
 Models are scored as the fine-tuning mode that produced them needs (`saft_hf.modes`): plain folders directly, FTTS
-folders through their linearised forward (`load_linearized`), LoRA adapter folders on their base model
-(`PeftModel`).
+folders (fine-tunes, and merges of them, which record the mode too) through their linearised forward
+(`load_linearized`; a text-to-text one generates with it at every step), LoRA adapter folders on their base model
+(`PeftModel`). Merged weights handed over as a `state_dict` are linearised around the loaded model when they are
+FTTS weights (`finetune_mode="ftts"`, or the state dict's own `finetune_mode` attribute, which the coefficient
+search sets).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from .models import (
     generate_texts,
     match_label_words,
 )
-from .modes import FTTS_MODE, LinearizedModel, load_linearized, saved_finetune_mode
+from .modes import FINETUNE_MODES, FTTS_MODE, LinearizedModel, load_linearized, saved_finetune_mode
 
 DEFAULT_BATCH_SIZE = 64
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -150,8 +153,10 @@ def load_image_classifier(
     base: str | os.PathLike | None = None,
     head: ZeroShotHead | str | os.PathLike | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    finetune_mode: str | None = None,
 ) -> nn.Module:
-    """The model whose `forward(pixel_values=...)` returns the task's logits, with `state_dict` loaded into it.
+    """The model whose `forward(pixel_values=...)` returns the task's logits, with `state_dict` loaded into it
+    (linearised around the loaded model when `finetune_mode` is "ftts", see `load_state`).
 
     From a folder or Hub id: a `CLIPVisionClassifier` folder (vision tower + head), a plain `CLIPVisionModel`
     fine-tune or a full `CLIPModel` (e.g. a merge) with the head from `head` / `base`, an FTTS folder as its
@@ -161,8 +166,10 @@ def load_image_classifier(
     A full `CLIPModel` folder without a head file, given a `state_dict` that holds a text tower (a merge of full
     CLIP models), builds the head from that text tower: the same model as the merged folder would be.
     """
+    finetune_mode = _state_dict_mode(state_dict, finetune_mode)
     if (
         state_dict is not None
+        and finetune_mode != FTTS_MODE  # FTTS merges leave the text tower alone: the head is the base's
         and head is None
         and _is_path(model_or_path)
         and any(name.startswith("text_model.") for name in state_dict)
@@ -174,10 +181,7 @@ def load_image_classifier(
         tokenizer = AutoTokenizer.from_pretrained(model_or_path)
         merged_head = build_zero_shot_head(clip, task.class_names, task.templates, tokenizer)
         return CLIPVisionClassifier(clip.config.vision_config, merged_head, clip.vision_model)
-    model = _image_classifier(model_or_path, task, base, head)
-    if state_dict is not None:
-        load_weights_(model, state_dict)
-    return model
+    return load_state(_image_classifier(model_or_path, task, base, head), state_dict, finetune_mode)
 
 
 def _image_classifier(model_or_path, task, base, head) -> nn.Module:
@@ -215,33 +219,24 @@ def load_text_to_text(
     *,
     base: str | os.PathLike | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    finetune_mode: str | None = None,
 ) -> nn.Module:
-    """The seq2seq model that generates the label words, with `state_dict` loaded into it: a model folder or Hub id,
-    a LoRA adapter folder on `base` (default: the adapter's `base_model_name_or_path`), or a model in memory. FTTS
-    models cannot generate."""
-    model = _text_to_text(model_or_path, base)
-    if state_dict is not None:
-        load_weights_(model, state_dict)
-    return model
+    """The seq2seq model that generates the label words, with `state_dict` loaded into it (see `load_state`): a
+    model folder or Hub id, an FTTS folder as its linearised model around `base` (default: its
+    `config.saft_base_model`), a LoRA adapter folder on `base` (default: the adapter's `base_model_name_or_path`),
+    or a model in memory."""
+    return load_state(_text_to_text(model_or_path, base), state_dict, _state_dict_mode(state_dict, finetune_mode))
 
 
 def _text_to_text(model_or_path: ModelOrPath, base: str | os.PathLike | None) -> nn.Module:
     if not _is_path(model_or_path):
-        if any(isinstance(module, LinearizedModel) for module in model_or_path.modules()):
-            raise ValueError(_FTTS_GENERATION)
         return model_or_path
     path = str(model_or_path)
     if _has_file(path, ADAPTER_CONFIG_FILE):
         return PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(_adapter_base(path, base)), path)
     if saved_finetune_mode(path) == FTTS_MODE:
-        raise ValueError(f"{path}: {_FTTS_GENERATION}")
+        return load_linearized(path, _ftts_base(path, base), load_model=AutoModelForSeq2SeqLM.from_pretrained)
     return AutoModelForSeq2SeqLM.from_pretrained(path)
-
-
-_FTTS_GENERATION = (
-    "FTTS (linearised) text-to-text models cannot be scored: generation would need the linearised forward at every "
-    "decoding step, which is not supported."
-)
 
 
 def _processor_sources(model_or_path: ModelOrPath, base: Any) -> list[str]:
@@ -271,6 +266,31 @@ def load_processor(model_or_path: ModelOrPath, task: Task, *, base: Any = None) 
             continue
     kind = "image processor" if auto is AutoImageProcessor else "tokenizer"
     raise ValueError(f"Found no {kind} in {sources or 'the model'}; pass processor=.")
+
+
+def _state_dict_mode(state_dict: Mapping[str, torch.Tensor] | None, finetune_mode: str | None) -> str | None:
+    """`finetune_mode`, else the one the state dict carries (a coefficient search's merged weights do)."""
+    if finetune_mode is None:
+        finetune_mode = getattr(state_dict, "finetune_mode", None)
+    elif state_dict is None:
+        raise ValueError(f"finetune_mode={finetune_mode!r} describes the weights of state_dict, and none was given.")
+    if finetune_mode is not None and finetune_mode not in FINETUNE_MODES:
+        raise ValueError(f"finetune_mode must be one of {FINETUNE_MODES} or None, got {finetune_mode!r}.")
+    return finetune_mode
+
+
+def load_state(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None, finetune_mode: str | None = None
+) -> nn.Module:
+    """`model` with `state_dict` loaded (`load_weights_`). FTTS weights (`finetune_mode="ftts"`, e.g. a merge of
+    FTTS fine-tunes) are a linearised model's `w`: unless `model` is linearised already, it becomes
+    `LinearizedModel` around its own weights `w0` (the pre-trained model the merge started from), holding `w`."""
+    if state_dict is None:
+        return model
+    linearize = finetune_mode == FTTS_MODE and not any(isinstance(m, LinearizedModel) for m in model.modules())
+    base_weights = {name: p.detach().clone() for name, p in model.named_parameters()} if linearize else None
+    load_weights_(model, state_dict)
+    return LinearizedModel(model, base_weights=base_weights) if linearize else model
 
 
 @torch.no_grad()
@@ -375,6 +395,7 @@ def evaluate_model(
     base: str | os.PathLike | None = None,
     head: ZeroShotHead | str | os.PathLike | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    finetune_mode: str | None = None,
     processor: Any = None,
     data: Dataset | DatasetDict | None = None,
     dataset_path: str | None = None,
@@ -398,6 +419,9 @@ def evaluate_model(
         head: the zero-shot head (or its file) for image tasks; default: the folder's, else built from `base`.
         state_dict: weights to load into the model first (e.g. a merge), in the model's key space; see
             `load_weights_`. Scoring (a base folder, a merged state dict) equals scoring the merged folder.
+        finetune_mode: the fine-tuning mode of `state_dict`'s weights (default: its `finetune_mode` attribute, if
+            any): "ftts" scores them with the linearised forward around the model `model_or_path` loads, as the
+            merged folder of FTTS fine-tunes is scored; other modes with the plain forward.
         processor: the image processor / tokenizer; default: the model folder's, else `base`'s.
         data: the split's rows already loaded (a `Dataset`, or a `DatasetDict` indexed by `split`), instead of
             loading the task's data.
@@ -416,9 +440,11 @@ def evaluate_model(
     rows = _split_rows(task, split, data, dataset_path, max_samples)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(task, ImageClassificationTask):
-        model = load_image_classifier(model_or_path, task, base=base, head=head, state_dict=state_dict)
+        model = load_image_classifier(
+            model_or_path, task, base=base, head=head, state_dict=state_dict, finetune_mode=finetune_mode
+        )
     else:
-        model = load_text_to_text(model_or_path, base=base, state_dict=state_dict)
+        model = load_text_to_text(model_or_path, base=base, state_dict=state_dict, finetune_mode=finetune_mode)
     processor = processor if processor is not None else load_processor(model_or_path, task, base=base)
     was_training = model.training
     model.to(device).eval()

@@ -2,15 +2,24 @@
 loading merged weights, and the errors for inputs that cannot be scored."""
 
 import copy
+import random
 
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from datasets import Dataset
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from saft_hf.data import get_task, load_digits_splits
-from saft_hf.evaluation import evaluate_model, load_weights_, score_label_words, zero_shot_head_for
+from saft_hf.evaluation import (
+    evaluate_model,
+    label_word_max_new_tokens,
+    load_weights_,
+    score_label_words,
+    zero_shot_head_for,
+)
 from saft_hf.models import HEAD_FILE, CLIPVisionClassifier
 from saft_hf.modes import apply_finetune_mode
 from saft_hf.testing import build_tiny_t5, save_tiny_clip
@@ -265,14 +274,95 @@ def test_a_vision_tower_without_head_or_base_is_refused(tmp_path, clip_dir, rows
         zero_shot_head_for(DIGITS, sources=[str(tmp_path / "tower")])
 
 
-def test_text_ftts_and_bad_splits_are_refused(tmp_path):
-    model, tokenizer = build_tiny_t5()
-    linearized = apply_finetune_mode(copy.deepcopy(model), "ftts", base_model_name_or_path="t5-base-somewhere")
-    linearized.save_pretrained(tmp_path / "ftts")
-    sst2_rows = Dataset.from_dict({"sentence": ["a fine film"], "label": [1]})
-    with pytest.raises(ValueError, match="ftts.*FTTS \\(linearised\\) text-to-text models cannot be scored"):
-        evaluate_model(tmp_path / "ftts", "sst2", data=sst2_rows, processor=tokenizer, progress=False)
-    with pytest.raises(ValueError, match="cannot be scored"):
-        evaluate_model(linearized, "sst2", data=sst2_rows, processor=tokenizer, progress=False)
+def test_a_bad_split_is_refused():
+    model, _ = build_tiny_t5()
     with pytest.raises(ValueError, match="split must be one of .*'dev'"):
         evaluate_model(model, "digits", "dev", progress=False)
+
+
+# ---- FTTS text-to-text: generation with the linearised forward ------------------------------------------------
+
+
+SST2 = get_task("sst2")
+
+
+@pytest.fixture(scope="module")
+def sentiment():
+    """A tiny T5 taught to answer 24 SST-2 rows with their (random) label words, its tokenizer, and the rows."""
+    model, tokenizer = build_tiny_t5(seed=0)
+    rng = random.Random(0)
+    words = "the movie was great and acting wonderful a terrible film boring far too long this is good".split()
+    rows = Dataset.from_dict({"sentence": [" ".join(rng.choice(words) for _ in range(6)) for _ in range(24)],
+                              "label": [rng.randrange(2) for _ in range(24)]})  # fmt: skip
+    inputs = tokenizer(SST2.format_inputs(rows[:]), padding=True, return_tensors="pt")
+    labels = tokenizer(text_target=[SST2.label_words[label] for label in rows["label"]], padding=True,
+                       return_tensors="pt")["input_ids"]  # fmt: skip
+    labels[labels == tokenizer.pad_token_id] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(80):
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer, rows
+
+
+def _hand_linearised_texts(base_model, weights, tokenizer, texts, max_new_tokens):
+    """Greedy decoding of f(w0) + J(w0) (w - w0), in float64, on the whole decoder prefix at every step, by
+    reverse-mode autograd; and the smallest gap between the two best tokens of a row still decoding."""
+    model = copy.deepcopy(base_model).double().eval()
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    delta = tuple(weights[name].double() - base[name] for name in base)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = torch.zeros(len(texts), 1, dtype=torch.long)  # decoder_start_token_id
+    finished = torch.zeros(len(texts), dtype=torch.bool)
+    gaps = []
+    for _ in range(max_new_tokens):
+
+        def last_logits(*params):
+            kwargs = {**batch, "decoder_input_ids": ids, "use_cache": False}
+            return functional_call(model, dict(zip(base, params)), args=(), kwargs=kwargs).logits[:, -1]
+
+        with sdpa_kernel(SDPBackend.MATH):
+            value, tangent = torch.autograd.functional.jvp(last_logits, tuple(base.values()), delta)
+        top2 = (value + tangent).topk(2).values
+        gaps.append((top2[:, 0] - top2[:, 1])[~finished].min())
+        tokens = (value + tangent).argmax(-1).masked_fill(finished, tokenizer.pad_token_id)
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        finished |= tokens == tokenizer.eos_token_id
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), min(gaps)
+
+
+def test_text_ftts_is_scored_by_generating_with_the_linearised_forward(tmp_path, sentiment):
+    base_model, tokenizer, rows = sentiment
+    for part in (base_model, tokenizer):
+        part.save_pretrained(tmp_path / "base")
+    linearized = apply_finetune_mode(copy.deepcopy(base_model), "ftts", base_model_name_or_path=str(tmp_path / "base"))
+    _perturb_(linearized, seed=1, scale=0.2)
+    for part in (linearized, tokenizer):
+        part.save_pretrained(tmp_path / "ftts")
+    weights = dict(linearized.model.named_parameters())
+    max_new_tokens = label_word_max_new_tokens(tokenizer, SST2.label_words)
+    texts, gap = _hand_linearised_texts(base_model, weights, tokenizer, SST2.format_inputs(rows[:]), max_new_tokens)
+    assert gap > 1e-3  # no near-tie that float32 could flip
+    expected = score_label_words(SST2, texts, rows["label"]) | {"num_samples": len(rows)}
+    options = dict(data=rows, batch_size=8, device="cpu", progress=False)
+    assert evaluate_model(tmp_path / "ftts", SST2, **options) == expected
+    assert evaluate_model(linearized, SST2, processor=tokenizer, **options) == expected
+    # Weights handed over as FTTS weights are linearised around the model they are loaded into.
+    state = {name: w.detach() for name, w in weights.items()}
+    assert evaluate_model(tmp_path / "base", SST2, state_dict=state, finetune_mode="ftts", **options) == expected
+    # The plain forward at w answers otherwise: the comparison has teeth.
+    plain = evaluate_model(tmp_path / "base", SST2, state_dict=state, **options)
+    assert plain["accuracy"] != expected["accuracy"]
+    assert expected["off_label_fraction"] < 0.25  # mostly label words: the accuracy is a real count
+
+
+def test_finetune_mode_of_a_state_dict_is_checked(tmp_path, sentiment):
+    model, tokenizer, rows = sentiment
+    with pytest.raises(ValueError, match="finetune_mode='ftts' describes the weights of state_dict, and none was"):
+        evaluate_model(model, SST2, data=rows, processor=tokenizer, finetune_mode="ftts", progress=False)
+    with pytest.raises(ValueError, match="finetune_mode must be one of .* got 'linear'"):
+        evaluate_model(model, SST2, data=rows, processor=tokenizer, state_dict=model.state_dict(),
+                       finetune_mode="linear", progress=False)  # fmt: skip

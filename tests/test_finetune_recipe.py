@@ -20,6 +20,7 @@ from transformers import AutoConfig, CLIPModel
 from saft_hf.data import DIGIT_NAMES, ImageClassificationTask, get_task, register_task
 from saft_hf.evaluation import evaluate_model
 from saft_hf.models import NOT_A_LABEL_WORD, CLIPVisionClassifier, load_text_to_text_model, predict_label_words
+from saft_hf.modes import load_linearized
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
@@ -161,14 +162,6 @@ def test_shipped_configs_parse(configs, model, expected_dir, learning_rate, batc
         assert (model_args.finetune_mode, model_args.lora_r, model_args.lora_alpha) == ("lora", 16, 32)
 
 
-def test_text_ftts_is_refused_before_anything_is_written(tmp_path):
-    output_dir = tmp_path / "never"
-    with pytest.raises(ValueError, match="finetune_mode='ftts' is not supported for the text-to-text task 'sst2'"):
-        finetune.main(["--task", "sst2", "--tiny_model_seed", "0", "--finetune_mode", "ftts",
-                       "--output_dir", str(output_dir), "--use_cpu", "true"])
-    assert not output_dir.exists()
-
-
 # ---- end-to-end runs ------------------------------------------------------------------------------------------
 
 
@@ -265,7 +258,7 @@ def sentiment_data(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "finetune_mode, steps, learning_rate",
-    [("full", 60, "3e-3"), ("lora", 60, "1e-2"), ("ftlo", 40, "3e-3")],
+    [("full", 60, "3e-3"), ("lora", 60, "1e-2"), ("ftlo", 40, "3e-3"), ("ftts", 40, "3e-3")],
 )
 def test_text_to_text_runs_reload_with_the_recorded_generation_metrics(
     tmp_path, sentiment_data, finetune_mode, steps, learning_rate
@@ -283,6 +276,8 @@ def test_text_to_text_runs_reload_with_the_recorded_generation_metrics(
     # A second implementation of the score: the models package's generate-and-match, counted with numpy.
     if finetune_mode != "lora":
         model, tokenizer = load_text_to_text_model(output_dir)
+        if finetune_mode == "ftts":
+            model = load_linearized(output_dir)
         task = get_task("sst2")
         test = task.load(str(sentiment_data))["test"]
         predicted = np.array(predict_label_words(model, tokenizer, task.format_inputs(test[:]), task.label_words, 16))

@@ -389,10 +389,72 @@ def test_bad_mode_or_option_is_refused(pretrained, mode, options, error, message
         apply_finetune_mode(make_model(pretrained, "t5"), mode, **options)
 
 
-def test_ftts_refuses_generation_clearly(pretrained):
+def _t5_prompts(model, rows=4, length=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0  # a padded row: the cross-attention must respect the mask at every step
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def test_ftts_generation_at_the_base_weights_is_the_models_greedy_generation(pretrained):
+    model = make_model(pretrained, "t5").double().eval()
+    prompts = _t5_prompts(model)
+    plain = model.generate(**prompts, max_new_tokens=5, do_sample=False, num_beams=1)
+    # An end-of-sequence token that some rows produce early and others not, so finished rows are padded.
+    model.generation_config.eos_token_id = int(plain[0, 2])
+    expected = model.generate(**prompts, max_new_tokens=5, do_sample=False, num_beams=1)
+    assert (expected == model.generation_config.pad_token_id).any() and expected.shape[1] > 3
+    generated = LinearizedModel(copy.deepcopy(model)).eval().generate(**prompts, max_new_tokens=5)
+    assert torch.equal(generated, expected)
+
+
+def test_ftts_generation_decodes_the_hand_linearisation_step_by_step(pretrained):
+    model = make_model(pretrained, "t5").double().eval()
+    prompts = _t5_prompts(model, seed=1)
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(6)
+    delta = {name: 0.3 * torch.randn(w.shape, generator=generator, dtype=w.dtype) for name, w in base.items()}
+    names = list(base)
+
+    # Reference: at every step, f(w0) + J(w0) d of the whole model on the whole decoder prefix, by reverse-mode
+    # autograd (no cached encoder output), then the argmax.
+    decoder_ids = torch.zeros(4, 1, dtype=torch.long)  # decoder_start_token_id
+    margins = []
+    for _ in range(4):
+
+        def last_logits(*weights):
+            kwargs = {**prompts, "decoder_input_ids": decoder_ids, "use_cache": False}
+            return functional_call(model, dict(zip(names, weights)), args=(), kwargs=kwargs).logits[:, -1]
+
+        with sdpa_kernel(SDPBackend.MATH):  # the fused kernel has no double backward
+            value, tangent = torch.autograd.functional.jvp(last_logits, tuple(base.values()), tuple(delta.values()))
+        top2 = (value + tangent).topk(2).values
+        margins.append((top2[:, 0] - top2[:, 1]).min())
+        decoder_ids = torch.cat([decoder_ids, (value + tangent).argmax(-1, keepdim=True)], dim=1)
+    assert min(margins) > 1e-6  # no near-tie that rounding could flip
+    # An end-of-sequence token the reference never produces, so no row stops early.
+    model.generation_config.eos_token_id = min(set(range(model.config.vocab_size)) - set(decoder_ids.view(-1).tolist()))
+
+    linearized = LinearizedModel(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        for name, param in linearized.model.named_parameters():
+            param.add_(delta[name])
+    assert torch.equal(linearized.generate(**prompts, max_new_tokens=4), decoder_ids)
+    # The plain model at w0 + d decodes something else: the comparison has teeth.
+    plain = copy.deepcopy(linearized.model).generate(**prompts, max_new_tokens=4, do_sample=False, num_beams=1)
+    assert not torch.equal(plain, decoder_ids)
+
+
+def test_ftts_generation_refuses_what_it_does_not_do(pretrained):
     linearized = apply_finetune_mode(make_model(pretrained, "t5"), "ftts")
-    with pytest.raises(NotImplementedError, match="ftts.*generate"):
-        linearized.generate(input_ids=torch.tensor([[5, 1]]))
+    prompt = torch.tensor([[5, 1]])
+    with pytest.raises(ValueError, match="greedy search on one process only: got do_sample=True, num_beams=1"):
+        linearized.generate(input_ids=prompt, max_new_tokens=2, do_sample=True)
+    with pytest.raises(ValueError, match="num_beams=4"):
+        linearized.generate(input_ids=prompt, max_new_tokens=2, num_beams=4)
+    with pytest.raises(NotImplementedError, match="encoder-decoder models only, not CLIPVisionClassifier"):
+        apply_finetune_mode(make_model(pretrained, "clip"), "ftts").generate(input_ids=prompt, max_new_tokens=2)
 
 
 def test_load_linearized_refuses_mismatched_weights(pretrained, tmp_path):

@@ -48,6 +48,7 @@ from ..checkpoints import (
 )
 from ..task_vectors import TaskVector, is_task_vector_folder, is_task_vector_listing
 from .config import MergeConfig
+from .finetuning import input_finetune_mode, record_finetuning
 from .methods import get_method
 
 RECIPE_NAME = "merge_config.yaml"
@@ -319,8 +320,10 @@ def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, 
 
 def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str, Any] | None = None,
                        progress: bool = True) -> None:  # fmt: skip
-    """Stream the merged weights into ``folder`` (sharded, with index) and copy the base's support files."""
+    """Stream the merged weights into ``folder`` (sharded, with index), copy the base's support files, and record
+    the inputs' fine-tuning mode with their shared zero-shot head (:mod:`saft_hf.merging.finetuning`)."""
     config = plan.config
+    input_finetune_mode(plan)  # inputs no one forward scores fail before any tensor is merged
     specs = [TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors]
     with ShardedSafetensorsWriter(folder, specs, max_shard_size=config.max_shard_size) as writer:
         tensors = plan.merged_tensors(overrides)
@@ -329,6 +332,7 @@ def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str,
             writer.add(name, tensor)
         writer.close()
     _copy_support_files(plan.base.folder, folder, config.dtype)
+    record_finetuning(plan, folder)
 
 
 def _copy_support_files(base_folder: Path, target: Path, dtype: str | None) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import MergeConfig
 from .engine import MergePlan, check_output_dir, write_merge, write_model_folder
+from .finetuning import MergedStateDict, input_finetune_mode
 from .methods import get_method
 
 PAPER_ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -76,7 +77,9 @@ def search_coefficients(config: MergeConfig | dict | str | Path, evaluate_fn: Ev
         evaluate_fn: called with the merged state dict (``evaluate_on="state_dict"``, load it with
             ``model.load_state_dict``) or the path of a temporary merged model folder (``"folder"``, load it with
             ``from_pretrained``); returns a float score on validation data. A NaN score ranks last. Built in:
-            :func:`task_accuracy_evaluator` (mean, or normalized, validation accuracy over the tasks).
+            :func:`task_accuracy_evaluator` (mean, or normalized, validation accuracy over the tasks). The state
+            dict's ``finetune_mode`` is the inputs' mode: FTTS weights must be scored with the linearised forward
+            around the base, as ``evaluate_model`` does with them; the folder records it in its config.
         grid: ``{parameter: [values]}``; default :func:`paper_grid`. Per-tensor overrides in the recipe still win.
         write_best: write the best point as a merge (recipe, card and the table as ``search_table.csv/json``);
             requires ``output_dir`` in the recipe.
@@ -88,9 +91,10 @@ def search_coefficients(config: MergeConfig | dict | str | Path, evaluate_fn: Ev
     if write_best:
         check_output_dir(config)  # fail now, not after the search
     plan = MergePlan(config, token=token)
+    finetune_mode = input_finetune_mode(plan)
     table = []
     for point in tqdm(points, desc="coefficient search", unit="point", disable=not progress):
-        score = float(_evaluate(plan, point, evaluate_fn, evaluate_on))
+        score = float(_evaluate(plan, point, evaluate_fn, evaluate_on, finetune_mode))
         table.append({**point, SCORE_COLUMN: score})
     best = max(table, key=lambda row: -math.inf if math.isnan(row[SCORE_COLUMN]) else row[SCORE_COLUMN])
     best_parameters = {name: best[name] for name in points[0]}
@@ -105,7 +109,8 @@ def task_accuracy_evaluator(tasks: Sequence[str], *, model: str | os.PathLike, s
 
     Each task is scored with :func:`saft_hf.evaluation.evaluate_model` on ``split`` (the paper selects on
     validation data), loading the merged weights into ``model`` (e.g. the merge's base, which provides the
-    architecture, the zero-shot heads and the processors). With ``reference_accuracy`` (each task's accuracy of its
+    architecture, the zero-shot heads and the processors; merged FTTS weights are scored with the linearised forward
+    around it). With ``reference_accuracy`` (each task's accuracy of its
     own fine-tuned model) the score is the mean normalized accuracy, the paper's second metric.
     ``evaluate_kwargs`` go to ``evaluate_model`` (``max_samples``, ``batch_size``, ``base``, ``head`` ...).
     """
@@ -125,10 +130,10 @@ def task_accuracy_evaluator(tasks: Sequence[str], *, model: str | os.PathLike, s
     return evaluate
 
 
-def _evaluate(plan: MergePlan, point: dict[str, Any], evaluate_fn: EvaluateFn, evaluate_on: str) -> float:
+def _evaluate(plan: MergePlan, point: dict[str, Any], evaluate_fn: EvaluateFn, evaluate_on: str,
+              finetune_mode: str | None) -> float:  # fmt: skip
     if evaluate_on == "state_dict":
-        state: dict[str, torch.Tensor] = dict(plan.merged_tensors(point))
-        return evaluate_fn(state)
+        return evaluate_fn(MergedStateDict(plan.merged_tensors(point), finetune_mode))
     with tempfile.TemporaryDirectory(prefix="saft_hf-search-") as scratch:
         write_model_folder(plan, Path(scratch), overrides=point, progress=False)
         return evaluate_fn(Path(scratch))

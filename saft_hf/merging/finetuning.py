@@ -1,0 +1,122 @@
+"""What a merged folder keeps of its inputs' fine-tuning: the mode they record and the zero-shot head they share.
+
+The same merged weights are different functions under different forwards: a merge of FTTS fine-tunes is the
+linearised model around the merge's base, ``f(w0) + J(w0) (w - w0)``, not ``f(w)``. So the merged folder records
+the inputs' mode in ``config.json`` (``saft_finetune_mode``; for FTTS also ``saft_base_model``, the recipe's
+``base_model``), which :func:`saft_hf.evaluation.evaluate_model` and :func:`saft_hf.modes.load_linearized` read.
+Inputs of different recorded modes are refused: no single forward scores their merge. An input that records no mode
+(a public fine-tune) merges with plain-forward modes, never with FTTS. LoRA inputs (task vectors of adapters) are
+dense deltas: their merge is a plain model, scored with the plain forward; it records ``lora`` as provenance.
+
+CLIP classifier inputs carry their zero-shot head in ``zero_shot_head.safetensors``; the merge copies it when every
+input carries the same one (same tensors, class names and templates), since scoring needs it and the base may have
+none.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from .. import hub
+from ..models.clip import HEAD_FILE
+from ..modes import FTTS_MODE
+
+if TYPE_CHECKING:
+    from .engine import MergePlan
+
+MODE_FIELD = "saft_finetune_mode"
+BASE_FIELD = "saft_base_model"
+
+
+def input_finetune_mode(plan: MergePlan) -> str | None:
+    """The fine-tuning mode the inputs of ``plan`` record (a model's ``config.saft_finetune_mode``, a task vector's
+    ``finetune_mode`` metadata), None when none records one; raises naming the inputs when no one forward fits."""
+    modes = {item.label: _recorded_mode(item) for item in plan.inputs}
+    recorded = set(modes.values()) - {None}
+    if len(recorded) > 1 or (FTTS_MODE in recorded and None in modes.values()):
+        listing = "; ".join(f"{label}: {mode or 'none recorded'}" for label, mode in modes.items())
+        raise ValueError(f"models: inputs of different fine-tuning modes score with different forwards and cannot be "
+                         f"merged into one model ({listing})")  # fmt: skip
+    return recorded.pop() if recorded else None
+
+
+def _recorded_mode(item) -> str | None:
+    if item.task_vector is not None:
+        return item.task_vector.metadata.get("finetune_mode") or None
+    return item.weights.config.get(MODE_FIELD) or None
+
+
+def record_finetuning(plan: MergePlan, folder: Path) -> None:
+    """Record the inputs' mode in ``folder/config.json`` (copied from the base) and copy their shared head."""
+    mode = input_finetune_mode(plan)
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        model_config = json.loads(config_path.read_text())
+        # The merge is the inputs' kind of model, whatever the base folder itself was.
+        model_config.pop(MODE_FIELD, None)
+        model_config.pop(BASE_FIELD, None)
+        if mode is not None:
+            model_config[MODE_FIELD] = mode
+        if mode == FTTS_MODE:
+            model_config[BASE_FIELD] = _base_reference(plan.config.base_model)
+        config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+    elif mode == FTTS_MODE:
+        raise ValueError(f"base_model: {plan.config.base_model} has no config.json to record the FTTS mode in")
+    _copy_shared_head(plan, folder)
+
+
+def _base_reference(base_model: str) -> str:
+    """Where ``load_linearized`` finds ``w0`` from any working directory: an absolute path or the Hub id."""
+    if hub.is_local(base_model):
+        return str(Path(base_model).expanduser().resolve())
+    return hub.parse_model_ref(base_model)[0]
+
+
+def _copy_shared_head(plan: MergePlan, folder: Path) -> None:
+    heads = {}
+    for item in plan.inputs:
+        path = None if item.task_vector is not None else item.weights.folder / HEAD_FILE
+        heads[item.label] = path if path is not None and path.is_file() else None
+    carried = {label: path for label, path in heads.items() if path is not None}
+    if not carried:
+        return
+    first, *others = [_head_content(path) for path in carried.values()]
+    if len(carried) == len(heads) and all(_same_head(first, other) for other in others):
+        shutil.copyfile(next(iter(carried.values())), folder / HEAD_FILE)
+        return
+    without = [label for label, head in heads.items() if head is None]
+    listing = ", ".join(carried)
+    reason = f"only {listing} of the inputs have one" if without else f"{listing} hold different heads"
+    warnings.warn(f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
+                  "CLIPModel base_model", stacklevel=3)  # fmt: skip
+
+
+class MergedStateDict(dict):
+    """Merged tensors by name, with the fine-tuning mode of the inputs they came from (``finetune_mode``), which
+    :func:`saft_hf.evaluation.evaluate_model` reads to score them with the right forward."""
+
+    def __init__(self, tensors, finetune_mode: str | None):
+        super().__init__(tensors)
+        self.finetune_mode = finetune_mode
+
+
+def _head_content(path: Path) -> tuple[dict, dict]:
+    with safe_open(path, framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+
+
+def _same_head(first: tuple[dict, dict], other: tuple[dict, dict]) -> bool:
+    """Equal heads by content: safetensors writes the metadata keys in no fixed order, so equal heads need not be
+    equal bytes."""
+    (tensors, metadata), (other_tensors, other_metadata) = first, other
+    return metadata == other_metadata and tensors.keys() == other_tensors.keys() and all(
+        tensor.dtype == other_tensors[name].dtype and torch.equal(tensor, other_tensors[name])
+        for name, tensor in tensors.items()
+    )
