@@ -324,11 +324,6 @@ def find_task(name: str) -> Task:
         raise ValueError(f"task: {error.args[0]}") from None
 
 
-def check_finetune_mode(task: Task, finetune_mode: str) -> None:
-    """Refuse a mode the task cannot be trained and scored in, before anything is loaded or written. Every mode
-    trains and scores every task: a linearised (FTTS) Flan-T5 generates with its linearised forward at each step."""
-
-
 def check_resume_checkpoint(checkpoint: str | None) -> None:
     """Refuse a `resume_from_checkpoint` the Trainer could not resume from, before anything is loaded or written: it
     must be a folder holding `trainer_state.json` (the step, the schedule) and weights that read back (a truncated
@@ -484,7 +479,6 @@ def _save_metrics(trainer: SAFTTrainer, split: str, metrics: dict[str, float]) -
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, resolved = parse_args(argv)
     task = find_task(data_args.task)
-    check_finetune_mode(task, model_args.finetune_mode)
     check_resume_checkpoint(training_args.resume_from_checkpoint)
     output_dir = Path(training_args.output_dir)
     check_output_dir(output_dir, training_args.resume_from_checkpoint)

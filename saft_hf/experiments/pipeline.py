@@ -58,7 +58,7 @@ COMPLETED_RESULTS_FILE = "all_results.json"
 RESOLVED_FINETUNE_CONFIG = "finetune_config.yaml"
 SEARCHED = "searched"
 NO_COEFFICIENT = "-"  # the setting of methods with nothing to search (weight averaging)
-MERGEABLE_MODES = ("full", "ftlo")
+MERGEABLE_MODES = ("full", "ftlo", "ftts")  # merged FTTS folders record the mode and score linearised
 STAGE_RECORD_SUFFIX = ".stage.json"
 StageFn = Callable[[str], None]  # told a description of each stage as it finishes (progress bars)
 
@@ -201,8 +201,8 @@ def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: Finet
     if family.finetune_mode not in MERGEABLE_MODES:
         raise ValueError(
             f"families.{family.name}.finetune_mode={family.finetune_mode!r}: the experiment pipeline merges and "
-            f"scores {MERGEABLE_MODES} fine-tunes (merged FTTS/LoRA models need their own forward); run that mode "
-            "with recipes/finetune.py and merge with recipes/merge.py."
+            f"scores {MERGEABLE_MODES} fine-tunes (not LoRA yet); run a LoRA family with recipes/finetune.py, make "
+            "its task vectors with `saft-hf task-vector --lora` and merge them with recipes/merge.py."
         )
     models = {}
     for task in config.tasks:
