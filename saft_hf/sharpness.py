@@ -11,7 +11,8 @@ norms are all-reduced before the square root.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,8 +22,10 @@ from torch.distributed.tensor import DTensor
 
 # Keeps `rho / norm` finite for an all-zero gradient (then e = 0); far below any real gradient norm.
 NORM_EPS = 1e-12
-# Elements per slice of the element-wise (A)SAM arithmetic (4 MB of float32 temporaries).
-CHUNK_ELEMENTS = 1 << 20
+# Elements per batch of the element-wise (A)SAM arithmetic on CPU (see `_batches`): a batch's weights, gradients
+# and saved weights in float32 (1.5 MB) fit a 2 MB L2 cache. Measured on ViT-B/32's 87.5M parameters, one thread:
+# 0.27 s per perturbation in batches of 2^16 or 2^17, 0.33 s of 2^20, 0.39 s unbatched.
+CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -31,7 +34,7 @@ class PerturbationStats:
 
     grad_norm: torch.Tensor  # ||T g|| for ASAM, ||g|| for SAM: the norm `e` is divided by
     perturbation_norm: torch.Tensor  # ||e||
-    finite: bool
+    finite: bool  # whether the weights were perturbed
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,32 +77,10 @@ def is_fully_sharded(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
     return sharded
 
 
-def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(local_tensor(tensor).detach(), dtype=torch.float32).square()
-
-
 def _all_reduce_sum_(tensor: torch.Tensor, sharded: bool) -> torch.Tensor:
     if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def global_l2_norm(tensors: Iterable[torch.Tensor], sharded: bool = False) -> torch.Tensor:
-    """L2 norm of all `tensors` taken as one vector, in float32.
-
-    With `sharded=True` the tensors are this rank's shards of a model split across the default process group:
-    the squared local norms are summed over ranks (one all-reduce) before the square root.
-    """
-    squared = torch.zeros((), dtype=torch.float32)
-    for tensor in tensors:
-        local = _squared_norm(tensor)
-        squared = squared.to(local.device).add_(local)
-    return _all_reduce_sum_(squared, sharded).sqrt()
-
-
-def adaptive_scale(weight: torch.Tensor, eta: float) -> torch.Tensor:
-    """ASAM's element-wise scale `T = |w| + eta`, in float32 at least (fp16 `T * g` can overflow)."""
-    return weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32)).add_(eta)
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
@@ -113,30 +94,76 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         tensor.div_(world_size)
 
 
-def _mul_in_float32_(tensor: torch.Tensor, factor: torch.Tensor) -> None:
-    """`tensor *= factor` computed in float32: a 0-dim float32 factor would otherwise be rounded to the tensor's
-    dtype first, and `rho / ||g||` can exceed the fp16 range."""
-    product = tensor.to(torch.promote_types(tensor.dtype, torch.float32)).mul_(factor)
-    if product is not tensor:
-        tensor.copy_(product)
+def _grouped(
+    keys: Sequence[Hashable], *lists: Sequence[torch.Tensor]
+) -> dict[Hashable, tuple[list[torch.Tensor], ...]]:
+    """The aligned `lists` split by `keys[i]` (device and dtype at least): a `torch._foreach_*` op is one fused kernel
+    launch only over tensors of one device and dtype."""
+    groups: dict[Hashable, tuple[list[torch.Tensor], ...]] = {}
+    for key, *aligned in zip(keys, *lists):
+        for group, tensor in zip(groups.setdefault(key, tuple([] for _ in lists)), aligned):
+            group.append(tensor)
+    return groups
 
 
-def _chunks(weight: torch.Tensor, grad: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Matching flat slices of `weight` and `grad` of at most `CHUNK_ELEMENTS` (the whole tensors if either is not
-    contiguous): the temporaries made per slice stay small enough for the allocator to recycle without touching
-    fresh pages, which costs more than the arithmetic on CPU."""
-    if not (weight.is_contiguous() and grad.is_contiguous()):
-        yield weight, grad
+def _batches(*lists: list[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], ...]]:
+    """The aligned `lists` (matching shapes, one device) in batches for the element-wise ops. On CPU, flat slices of
+    at most `CHUNK_ELEMENTS` elements in all (tensors whole where one of them is not contiguous): a batch stays in
+    cache through the several ops applied to it, rather than each op streaming every tensor from memory. Elsewhere
+    the whole lists: one kernel launch per op."""
+    if not lists[0] or lists[0][0].device.type != "cpu":
+        yield lists
         return
-    weight, grad = weight.view(-1), grad.view(-1)
-    for start in range(0, grad.numel(), CHUNK_ELEMENTS):
-        yield weight[start : start + CHUNK_ELEMENTS], grad[start : start + CHUNK_ELEMENTS]
+    batch: tuple[list[torch.Tensor], ...] = tuple([] for _ in lists)
+    size = 0
+    for aligned in zip(*lists):
+        if all(tensor.is_contiguous() for tensor in aligned):
+            pieces = zip(*(tensor.view(-1).split(CHUNK_ELEMENTS) for tensor in aligned))
+        else:
+            pieces = iter([aligned])
+        for piece in pieces:
+            if size and size + piece[0].numel() > CHUNK_ELEMENTS:
+                yield batch
+                batch, size = tuple([] for _ in lists), 0
+            for views, view in zip(batch, piece):
+                views.append(view)
+            size += piece[0].numel()
+    if batch[0]:
+        yield batch
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    return torch.promote_types(dtype, torch.float32) != dtype
+
+
+def _adaptive_scale(weights: list[torch.Tensor], eta: float, out: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """ASAM's element-wise scale `T = |w| + eta`, written into `out`, or into new float32 tensors if `out` is None
+    (for half-precision weights: fp16 `T * g` can overflow)."""
+    if out is None:
+        out = [weight.float() for weight in weights]
+    else:
+        torch._foreach_copy_(out, weights)
+    torch._foreach_abs_(out)
+    torch._foreach_add_(out, eta)
+    return out
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor L2 norms, accumulated in float32 at least (an fp16 norm of loss-scaled gradients overflows)."""
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32 if tensors and _is_half(tensors[0].dtype) else None)
+
+
+def _global_squared(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([norm.to(device, torch.float32) for norm in norms]).square().sum()
 
 
 @torch.no_grad()
-def gradients_to_perturbation_(
+def perturb_weights_(
     weights: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor],
     *,
     mode: Literal["asam", "sam"],
     rho: float,
@@ -144,49 +171,80 @@ def gradients_to_perturbation_(
     adaptive: Sequence[bool] | None = None,
     sharded: bool = False,
 ) -> PerturbationStats:
-    """Overwrite each gradient in `grads` with its share of the (A)SAM perturbation `e`.
+    """Save each weight `w` into `saved` and move it to `w + e`, the (A)SAM perturbation computed from `grads`;
+    `restore_weights_(weights, saved)` then gives `w` back exactly.
 
-    `adaptive[i]` says whether tensor i gets ASAM's `|w| + eta` scaling (default: all); tensors without it use
-    `T = 1`, as the official ASAM code does for biases. When the gradient norm is not finite (an fp16 overflow,
-    a divergent batch) the gradients are left untouched and `finite=False` is returned: the caller must not
-    perturb. The direction is invariant to a loss scale, so fp16 gradients need no unscaling first.
+    `saved` holds one tensor shaped like each weight's local values (see `flat_buffers_like`). `adaptive[i]` says
+    whether tensor i gets ASAM's `|w| + eta` scaling (default: all); tensors without it use `T = 1`, as the official
+    ASAM code does for biases. The gradients serve as scratch space and hold no meaningful values afterwards. When
+    the gradient norm is not finite (an fp16 overflow, a divergent batch) the weights are left untouched and
+    `finite=False` is returned. The direction is invariant to a loss scale, so fp16 gradients need no unscaling.
 
-    Memory: temporaries of at most `CHUNK_ELEMENTS` float32 values at a time (`T` is recomputed in the second loop
-    rather than kept). FSDP2 `DTensor`s are handled through their local shards; pass `sharded=True` for the global
-    norm.
+    Cost: fused multi-tensor (`torch._foreach_*`) ops per device and dtype, in cache-sized batches on CPU. Float32
+    and float64 tensors need no temporaries: `T` is built in `saved` before `w` is saved there, and `T^2 g` in the
+    gradients. Half-precision tensors are computed in float32, in batches. One host synchronisation, the
+    finiteness of the norm, which also yields `rho / ||T g||` as a Python float for the update. FSDP2 `DTensor`s
+    are handled through their local shards; pass `sharded=True` for the global norm.
     """
     if mode not in ("asam", "sam"):
         raise ValueError(f"mode must be 'asam' or 'sam', got {mode!r}.")
     if adaptive is None:
         adaptive = [True] * len(weights)
-    if not len(weights) == len(grads) == len(adaptive):
+    if not len(weights) == len(grads) == len(saved) == len(adaptive):
         raise ValueError(
-            f"weights, grads and adaptive must have one entry per tensor, got {len(weights)}, {len(grads)} and "
-            f"{len(adaptive)}."
+            f"weights, grads, saved and adaptive must have one entry per tensor, got {len(weights)}, {len(grads)}, "
+            f"{len(saved)} and {len(adaptive)}."
         )
     weights = [local_tensor(weight) for weight in weights]
     grads = [local_tensor(grad) for grad in grads]
-    scaled = [mode == "asam" and is_adaptive for is_adaptive in adaptive]
+    keys = [(grad.device, grad.dtype, mode == "asam" and is_adaptive) for grad, is_adaptive in zip(grads, adaptive)]
+    groups = _grouped(keys, weights, grads, saved)
 
-    # One pass gives ||T g|| (what `e` is divided by) and ||T^2 g|| (so ||e|| needs no second pass), reduced over
-    # ranks together.
-    squared = [torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)]
-    for weight, grad, is_scaled in zip(weights, grads, scaled):
-        for weight_chunk, grad_chunk in _chunks(weight, grad):
-            if is_scaled:
-                scale = adaptive_scale(weight_chunk, eta)
-                scaled_grad = scale * grad_chunk
-                norms = (_squared_norm(scaled_grad), _squared_norm(scaled_grad.mul_(scale)))
-            else:
-                norms = (_squared_norm(grad_chunk),) * 2
-            squared = [total.to(norm.device).add_(norm) for total, norm in zip(squared, norms)]
-    grad_norm, scaled_norm = _all_reduce_sum_(torch.stack(squared), sharded).sqrt().unbind()
-    if not bool(torch.isfinite(grad_norm)):
+    # One sweep gives ||T g|| (what `e` is divided by) and ||T^2 g|| (so ||e|| needs no further sweep), leaving
+    # T^2 g in gradients that are not half precision.
+    grad_norms: list[torch.Tensor] = []
+    scaled_norms: list[torch.Tensor] = []
+    for (_, dtype, scaled), group in groups.items():
+        for weight_batch, grad_batch, saved_batch in _batches(*group):
+            if not scaled:
+                norms = _norms(grad_batch)
+                grad_norms += norms
+                scaled_norms += norms
+                continue
+            half = _is_half(dtype)
+            scale = _adaptive_scale(weight_batch, eta, None if half else saved_batch)
+            scaled_grads = [grad.float() for grad in grad_batch] if half else grad_batch
+            torch._foreach_mul_(scaled_grads, scale)
+            grad_norms += _norms(scaled_grads)
+            torch._foreach_mul_(scaled_grads, scale)
+            scaled_norms += _norms(scaled_grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    squared = torch.stack([_global_squared(grad_norms, device), _global_squared(scaled_norms, device)])
+    grad_norm, scaled_norm = _all_reduce_sum_(squared, sharded).sqrt().unbind()
+    norm = float(grad_norm)  # the host synchronisation
+    if not math.isfinite(norm):
         return PerturbationStats(grad_norm, torch.full_like(grad_norm, float("nan")), False)
 
-    factor = rho / (grad_norm + NORM_EPS)
-    for weight, grad, is_scaled in zip(weights, grads, scaled):
-        for weight_chunk, grad_chunk in _chunks(weight, grad):
-            scale = adaptive_scale(weight_chunk, eta).square_().mul_(factor) if is_scaled else factor
-            _mul_in_float32_(grad_chunk, scale)
-    return PerturbationStats(grad_norm, factor * scaled_norm, True)
+    factor = rho / (norm + NORM_EPS)
+    for (_, dtype, scaled), group in groups.items():
+        for weight_batch, grad_batch, saved_batch in _batches(*group):
+            direction = grad_batch  # g, or T^2 g from the first sweep
+            if _is_half(dtype):
+                # In float32: `rho / ||g||` can exceed the fp16 range, so the update must not be computed in the
+                # weights' dtype.
+                direction = [grad.float() for grad in grad_batch]
+                if scaled:
+                    scale = _adaptive_scale(weight_batch, eta, None)
+                    torch._foreach_mul_(direction, scale)
+                    torch._foreach_mul_(direction, scale)
+            torch._foreach_copy_(saved_batch, weight_batch)
+            torch._foreach_add_(weight_batch, direction, alpha=factor)
+    return PerturbationStats(grad_norm, scaled_norm * factor, True)
+
+
+@torch.no_grad()
+def restore_weights_(weights: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy the weights saved by `perturb_weights_` back (exact in every dtype)."""
+    weights = [local_tensor(weight) for weight in weights]
+    for weight_group, saved_group in _grouped([(w.device, w.dtype) for w in weights], weights, saved).values():
+        torch._foreach_copy_(weight_group, saved_group)

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 from accelerate.utils import DistributedType
+from torch.profiler import record_function
 from transformers import Trainer
 
 from .config import SAFTConfig
@@ -13,9 +14,10 @@ from .sharpness import (
     PerturbationStats,
     all_reduce_mean_,
     flat_buffers_like,
-    gradients_to_perturbation_,
     is_fully_sharded,
     local_tensor,
+    perturb_weights_,
+    restore_weights_,
 )
 
 # Running sums kept between two logs, reduced across processes in one collective when logging.
@@ -35,12 +37,12 @@ class SAFTTrainer(Trainer):
       2. ascent pass: `super().training_step` at `w` under `no_sync`, so DDP does not all-reduce it (with
          `sam_sync_perturbation` the gradient is averaged over processes instead; under FSDP it is always the
          reduce-scattered global gradient);
-      3. the gradient is turned in place into the perturbation `e` (see `saft_hf.sharpness`); if its norm is not
-         finite the perturbation is skipped and counted;
-      4. `w` is saved and the weights become `w + e`; the accumulated gradient goes back into `.grad`;
-      5. descent pass: `super().training_step` at `w + e` with the RNG state of the ascent pass (same dropout
+      3. `w` is saved and the weights become `w + e`, the perturbation computed from that gradient (see
+         `saft_hf.sharpness`); if its norm is not finite the perturbation is skipped and counted; the accumulated
+         gradient goes back into `.grad`;
+      4. descent pass: `super().training_step` at `w + e` with the RNG state of the ascent pass (same dropout
          masks), in the synchronisation context the Trainer chose, so its gradient adds to the accumulated one;
-      6. `w` is restored by copying the saved values (exact in every dtype).
+      5. `w` is restored by copying the saved values (exact in every dtype).
       Both passes go through `super().training_step`, so the installed version's loss scaling (gradient
       accumulation, fp16 `GradScaler`) stays in force; nothing is unscaled between the passes. The returned loss
       (what the Trainer logs as `loss`) is the ascent pass's loss at `w`, as in the SAM and ASAM reference code.
@@ -55,8 +57,9 @@ class SAFTTrainer(Trainer):
       perturbed steps) and `sam/skipped` (perturbations skipped, summed over processes).
 
     Extra memory over plain fine-tuning: one parameter-sized buffer for the saved `w`, allocated at the first
-    perturbed step and kept (reallocating it every step costs page faults on CPU). The ascent gradient becomes `e`
-    in place and is freed once the weights are perturbed.
+    perturbed step and kept (reallocating it every step costs page faults on CPU). The perturbation is computed in
+    the ascent gradient's storage (and the saved-`w` buffer, before `w` is saved there), which is freed once the
+    weights are perturbed.
 
     Refused at construction: DeepSpeed (its `backward` steps the engine and ZeRO frees `.grad`), and FSDP with
     gradient accumulation unless gradients sync on every micro-batch (FSDP's `no_sync` keeps the accumulated
@@ -110,27 +113,26 @@ class SAFTTrainer(Trainer):
         rng_state = _RNGState.capture(self.args.device)
 
         # Sharded gradients only exist reduce-scattered, so that ascent pass must sync; DDP's may stay per device.
-        with contextlib.nullcontext() if sharded else self.accelerator.no_sync(model):
+        # The `saft/*` ranges name the step's phases in a `torch.profiler` trace.
+        with contextlib.nullcontext() if sharded else self.accelerator.no_sync(model), record_function("saft/ascent"):
             loss_at_w = super().training_step(model, inputs, num_items_in_batch)
 
         perturbed = [(name, param) for name, param in trainable if param.grad is not None]
-        stats = self._gradients_to_perturbation_(perturbed, sharded)
-        saved_weights = self._saved_weights_buffers([param for _, param in perturbed]) if stats.finite else []
-        with torch.no_grad():
-            for (_, param), saved in zip(perturbed, saved_weights):
-                saved.copy_(local_tensor(param))
-                param.add_(param.grad)
+        params = [param for _, param in perturbed]
+        saved_weights = self._saved_weights_buffers(params)
+        with record_function("saft/perturb"):
+            stats = self._perturb_weights_(perturbed, saved_weights, sharded)
         for (_, param), grad in zip(trainable, accumulated):  # replaces `e` (perturbed is a subset of trainable)
             param.grad = grad
         del accumulated
 
         rng_state.restore()
-        loss_at_w_plus_e = super().training_step(model, inputs, num_items_in_batch)
+        with record_function("saft/descent"):
+            loss_at_w_plus_e = super().training_step(model, inputs, num_items_in_batch)
 
-        with torch.no_grad():
-            for (_, param), saved in zip(perturbed, saved_weights):
-                local_tensor(param).copy_(saved)
-
+        if stats.finite:
+            with record_function("saft/restore"):
+                restore_weights_(params, saved_weights)
         self._record(stats, loss_at_w, loss_at_w_plus_e)
         return loss_at_w
 
@@ -142,16 +144,17 @@ class SAFTTrainer(Trainer):
             self._saved_weights, self._saved_weights_layout = flat_buffers_like(params), layout
         return self._saved_weights
 
-    def _gradients_to_perturbation_(
-        self, perturbed: list[tuple[str, torch.nn.Parameter]], sharded: bool
+    def _perturb_weights_(
+        self, perturbed: list[tuple[str, torch.nn.Parameter]], saved_weights: list[torch.Tensor], sharded: bool
     ) -> PerturbationStats:
-        """Turn the ascent gradients in `.grad` into the perturbation `e`, in place."""
+        """Save `w` and move the weights to `w + e`, with `e` from the ascent gradients in `.grad` (consumed)."""
         grads = [param.grad for _, param in perturbed]
         if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1 and not sharded:
             all_reduce_mean_(grads)
-        return gradients_to_perturbation_(
+        return perturb_weights_(
             [param for _, param in perturbed],
             grads,
+            saved_weights,
             mode=self.args.sam_mode,
             rho=self.args.sam_rho,
             eta=self.args.sam_eta,

@@ -355,9 +355,9 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
 class PerturbationSpy(SAFTTrainer):
     """Records the optimizer step of every perturbation."""
 
-    def _gradients_to_perturbation_(self, *args, **kwargs):
+    def _perturb_weights_(self, *args, **kwargs):
         self.perturbed_at = getattr(self, "perturbed_at", []) + [self.state.global_step]
-        return super()._gradients_to_perturbation_(*args, **kwargs)
+        return super()._perturb_weights_(*args, **kwargs)
 
 
 def test_sam_interval_perturbs_one_step_out_of_k(tmp_path):
