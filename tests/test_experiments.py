@@ -246,8 +246,8 @@ def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path):
     from saft_hf.experiments.pipeline import finetune_family
 
     config = ExperimentConfig(base_model="m", tasks=["digits_0to4", "digits_5to9"], output_dir=str(tmp_path),
-                              families=[Family("lin", sam_mode="none", finetune_mode="ftts")])  # fmt: skip
-    with pytest.raises(ValueError, match="families.lin.finetune_mode='ftts'"):
+                              families=[Family("lin", sam_mode="none", finetune_mode="lora")])  # fmt: skip
+    with pytest.raises(ValueError, match="families.lin.finetune_mode='lora'"):
         finetune_family(config, config.families[0], lambda argv: pytest.fail("trained"))
 
 
