@@ -52,7 +52,8 @@ from saft_hf.analysis import (
 )
 from saft_hf.checkpoints import write_atomically
 from saft_hf.entrypoint import run_main
-from saft_hf.task_vectors import TaskVector, is_task_vector_folder
+from saft_hf.layout import is_task_vector_folder
+from saft_hf.task_vectors import TaskVector
 
 ANALYSES = ("disentanglement", "landscape", "linearity", "barrier", "hessian", "gain")
 

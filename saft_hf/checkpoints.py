@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import hub
 from .errors import NonFiniteError, OutsideFolderError, UnsafeOutputError
+from .layout import OUTPUT_MANIFEST_NAME
 
 MODEL_WEIGHTS_NAME = "model"
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
@@ -457,7 +458,7 @@ def write_manifest(folder: Path, kind: str) -> None:
     """Record every file under ``folder`` (relative posix path, size, mtime_ns) in its manifest."""
     files = {name: {"size": info.st_size, "mtime_ns": info.st_mtime_ns} for name, info in _files_under(folder)}
     manifest = {"format": _MANIFEST_FORMAT, "kind": kind, "files": files}
-    (folder / hub.OUTPUT_MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    (folder / OUTPUT_MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _files_under(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -468,22 +469,22 @@ def _files_under(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
         for name in sorted(names):
             path = Path(directory, name)
             relative = path.relative_to(folder).as_posix()
-            if relative != hub.OUTPUT_MANIFEST_NAME:
+            if relative != OUTPUT_MANIFEST_NAME:
                 yield relative, path.lstat()
 
 
 def _read_manifest(target: Path) -> dict[str, dict[str, int]]:
     """The recorded files of ``target``'s manifest; raises :class:`UnsafeOutputError` when it is missing or invalid."""
-    path = target / hub.OUTPUT_MANIFEST_NAME
+    path = target / OUTPUT_MANIFEST_NAME
     if not path.is_file():
         if any((target / marker).exists() for marker in _LEGACY_MARKERS):
             raise UnsafeOutputError(
                 f"{target}: was written by an older saft_hf, which kept no record of its files "
-                f"({hub.OUTPUT_MANIFEST_NAME}), so files added since cannot be told apart; move its contents away or "
+                f"({OUTPUT_MANIFEST_NAME}), so files added since cannot be told apart; move its contents away or "
                 "choose another output folder"
             )
         raise UnsafeOutputError(
-            f"{target}: is not empty and was not written by saft_hf (no {hub.OUTPUT_MANIFEST_NAME}); move its files "
+            f"{target}: is not empty and was not written by saft_hf (no {OUTPUT_MANIFEST_NAME}); move its files "
             "away or choose another output folder"
         )
     try:
@@ -498,7 +499,7 @@ def _read_manifest(target: Path) -> dict[str, dict[str, int]]:
         valid = False
     if not valid:
         raise UnsafeOutputError(
-            f"{target}: its {hub.OUTPUT_MANIFEST_NAME} is not a valid saft_hf manifest, so saft_hf cannot tell its own "
+            f"{target}: its {OUTPUT_MANIFEST_NAME} is not a valid saft_hf manifest, so saft_hf cannot tell its own "
             "files; move the folder's contents away or choose another output folder"
         )
     return files
@@ -530,7 +531,7 @@ def check_replaceable(target: Path) -> None:
         subfolders[:] = ours
         for name in sorted(names):
             path = (relative / name).as_posix()
-            if path == hub.OUTPUT_MANIFEST_NAME:
+            if path == OUTPUT_MANIFEST_NAME:
                 continue
             entry = recorded.get(path)
             if entry is None:

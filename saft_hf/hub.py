@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
 from .errors import OutsideFolderError, PushError
+from .layout import CONFIG_NAME, OUTPUT_MANIFEST_NAME, is_task_vector_folder
 
 __all__ = [
     "HubListing",
@@ -47,7 +48,6 @@ __all__ = [
     "resolved_revision",
 ]
 
-CONFIG_NAME = "config.json"
 # What loading, merging and re-saving a model needs: configs, safetensors weights and their index, tokenizer and
 # processor files (tokenizer.json, *.model for SentencePiece, vocab/merges *.txt, chat templates).
 NEEDED_FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
@@ -331,8 +331,6 @@ def check_same_architecture(
             f"revisions has {len(revisions)} entries; expected {len(others)} (one per input) or {len(refs)} "
             "(base first)."
         )
-    from .task_vectors import is_task_vector_folder
-
     base_config = fetch_config(base, revisions[0], token=token)
     for ref, revision in zip(others, revisions[1:]):
         if is_local(ref) and is_task_vector_folder(Path(ref).expanduser()):
@@ -385,10 +383,6 @@ def resolve_model(
                 token=token,
             )
         )
-
-
-# saft_hf's record of the files it wrote into an output folder (see saft_hf.checkpoints): local, never pushed.
-OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
 
 
 def _folder_files(folder: Path) -> list[str]:

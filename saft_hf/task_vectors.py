@@ -27,12 +27,13 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import hub
 from .checkpoints import (
     CheckpointReader,
     ComputedStateDict,
@@ -53,13 +54,12 @@ from .checkpoints import (
     tensor_dtype,
     tensor_shape,
 )
+from .layout import TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME
 
 TASK_VECTOR_FORMAT = "saft_hf.task_vector"
-TASK_VECTOR_WEIGHTS_NAME = "task_vector"
 METADATA_FIELDS = ("format", "base_model", "base_revision", "task", "finetune_mode", "sam_mode", "sam_rho",
                    "sam_eta", "saft_hf_version", "base_fingerprint", "source")  # fmt: skip
 TIED_WEIGHTS_FIELD = "tied_weights"  # JSON {base name stored twice: name of the tensor in the vector}
-_WEIGHT_FILES = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors")
 _KEEP_NONFINITE = "pass allow_nonfinite=True to compute with such values as they are"
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
@@ -198,7 +198,7 @@ class TaskVector(LazyStateDict):
             raise ValueError(f"{path}: not a saft_hf task vector (safetensors metadata format is "
                              f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
         # The index's metadata (of a sharded vector) is read over the shards'.
-        header = next((Path(path) / name for name in _WEIGHT_FILES if (Path(path) / name).is_file()), Path(path))
+        header = next((Path(path) / name for name in TASK_VECTOR_WEIGHT_FILES if (Path(path) / name).is_file()), Path(path))
         tied = _parse_tied_weights(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}", reader, where=str(header))
         metadata = {k: v for k, v in reader.metadata.items() if k != TIED_WEIGHTS_FIELD}
         return cls(reader, metadata, tied, [(f"task vector {path}", Path(path))], path=header)
@@ -239,12 +239,11 @@ class TaskVector(LazyStateDict):
         and the vector is on disk only where :meth:`save` put it.
         """
         from .cards import task_vector_card
-        from .hub import check_repo_id, check_revision, public_ref, push_folder, reporting_push_failure
 
-        check_repo_id(repo_id, "repo_id")
+        hub.check_repo_id(repo_id, "repo_id")
         if revision is not None:
-            check_revision(revision, "revision")
-        shown = {key: public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
+            hub.check_revision(revision, "revision")
+        shown = {key: hub.public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
         pushed = TaskVector(self, {**self.metadata, **shown}, self.tied_weights)
         with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:
             folder = pushed.save(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
@@ -254,8 +253,8 @@ class TaskVector(LazyStateDict):
                 "the pushed copy was built in a temporary folder, now deleted: the task vector is on disk only where "
                 f"TaskVector.save() wrote it; retry with push_to_hub('{repo_id}')"
             )
-            with reporting_push_failure(repo_id, local_output):
-                return push_folder(folder, repo_id, private=private, commit_message=message, token=token,
+            with hub.reporting_push_failure(repo_id, local_output):
+                return hub.push_folder(folder, repo_id, private=private, commit_message=message, token=token,
                                    revision=revision)  # fmt: skip
 
     # ---- arithmetic ----------------------------------------------------------------------------------------
@@ -446,17 +445,6 @@ def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, 
     }
 
 
-def is_task_vector_listing(files: Collection[str]) -> bool:
-    """Whether a folder (or Hub repo) with these files holds a saved task vector: its weights, and no model config."""
-    return "config.json" not in files and any(name in files for name in _WEIGHT_FILES)
-
-
-def is_task_vector_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a saved task vector (and no model config)."""
-    folder = Path(folder)
-    return folder.is_dir() and is_task_vector_listing({path.name for path in folder.iterdir() if path.is_file()})
-
-
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------
 
 _LORA_PREFIX = "base_model.model."
@@ -474,8 +462,6 @@ def _lora_deltas(base: ModelWeights, adapter: str, revision: str | None, allow_p
     folder."""
     from peft.utils.other import get_pattern_key
     from transformers.pytorch_utils import Conv1D
-
-    from . import hub
 
     folder = hub.resolve_model(adapter, revision, allow_pickle=allow_pickle, token=token)
     config_path = folder / "adapter_config.json"
@@ -582,4 +568,4 @@ def _replacement_delta(base: Mapping[str, torch.Tensor], name: str, tensors: Map
     return compute
 
 
-__all__ = ["TASK_VECTOR_FORMAT", "TaskVector", "is_task_vector_folder", "is_task_vector_listing"]
+__all__ = ["TASK_VECTOR_FORMAT", "TaskVector"]

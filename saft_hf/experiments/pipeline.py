@@ -43,11 +43,12 @@ from datasets import DatasetDict
 from ..checkpoints import write_atomically
 from ..data import Task, TextToTextTask, get_task
 from ..evaluation import evaluate_model, label_word_max_new_tokens, load_processor, load_text_to_text
+from ..layout import is_task_vector_folder
 from ..merging import get_method, merge, search_coefficients, task_accuracy_evaluator
 from ..merging.engine import RECIPE_NAME
 from ..merging.search import paper_grid
 from ..models import generate_texts, match_label_words
-from ..task_vectors import TaskVector, is_task_vector_folder
+from ..task_vectors import TaskVector
 from .config import ExperimentConfig, Family
 from .tables import FINETUNED, PRETRAINED, Score, scores_to_records, summary_rows, write_table
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import hashlib
 import json
 import shutil
@@ -46,9 +47,11 @@ from ..checkpoints import (
     tensor_dtype,
     tensor_shape,
 )
-from ..task_vectors import TaskVector, is_task_vector_folder, is_task_vector_listing
+from ..layout import is_task_vector_folder, is_task_vector_listing
+from ..models.clip import HEAD_FILE
+from ..task_vectors import TaskVector
 from .config import MergeConfig
-from .finetuning import input_finetune_mode, record_finetuning
+from .finetuning import MODE_FIELD, common_finetune_mode, copy_shared_head, record_finetune_mode
 from .methods import get_method
 
 RECIPE_NAME = "merge_config.yaml"
@@ -65,6 +68,19 @@ class _Input:
     weights: ModelWeights
     alignment: KeyAlignment
     task_vector: TaskVector | None = None  # set when the input is a saved task vector (a delta, not weights)
+
+    @property
+    def finetune_mode(self) -> str | None:
+        """The fine-tuning mode the input records, if any (see :mod:`saft_hf.merging.finetuning`)."""
+        if self.task_vector is not None:
+            return self.task_vector.metadata.get("finetune_mode") or None
+        return self.weights.config.get(MODE_FIELD) or None
+
+    @property
+    def head_file(self) -> Path | None:
+        """The zero-shot head the input's folder carries, if any (a task vector carries none)."""
+        path = None if self.task_vector is not None else self.weights.folder / HEAD_FILE
+        return path if path is not None and path.is_file() else None
 
 
 class _FinetunedTensors(Sequence[torch.Tensor]):
@@ -120,6 +136,11 @@ class MergePlan:
         self.merged_names = self._common_coverage()
         self.base_ties = self.inputs[0].alignment.base_ties
         self.weights = [spec.weight for spec in config.models]
+
+    @functools.cached_property
+    def finetune_mode(self) -> str | None:
+        """The inputs' common fine-tuning mode (the forward their merge is scored with); raises when none fits."""
+        return common_finetune_mode({item.label: item.finetune_mode for item in self.inputs})
 
     def _locate(self, field: str, ref: str, revision: str | None) -> tuple[str, str | None, bool]:
         """``(ref, revision, is_task_vector)`` to open an input with, asking the Hub one listing and downloading
@@ -323,7 +344,7 @@ def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str,
     """Stream the merged weights into ``folder`` (sharded, with index), copy the base's support files, and record
     the inputs' fine-tuning mode with their shared zero-shot head (:mod:`saft_hf.merging.finetuning`)."""
     config = plan.config
-    input_finetune_mode(plan)  # inputs no one forward scores fail before any tensor is merged
+    mode = plan.finetune_mode  # inputs no one forward scores fail before any tensor is merged
     specs = [TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors]
     with ShardedSafetensorsWriter(folder, specs, max_shard_size=config.max_shard_size) as writer:
         tensors = plan.merged_tensors(overrides)
@@ -332,7 +353,8 @@ def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str,
             writer.add(name, tensor)
         writer.close()
     _copy_support_files(plan.base.folder, folder, config.dtype)
-    record_finetuning(plan, folder)
+    record_finetune_mode(folder, mode, config.base_model)
+    copy_shared_head(folder, {item.label: item.head_file for item in plan.inputs})
 
 
 def _copy_support_files(base_folder: Path, target: Path, dtype: str | None) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -28,17 +28,14 @@ from .. import hub
 from ..models.clip import HEAD_FILE
 from ..modes import FTTS_MODE
 
-if TYPE_CHECKING:
-    from .engine import MergePlan
-
 MODE_FIELD = "saft_finetune_mode"
 BASE_FIELD = "saft_base_model"
 
 
-def input_finetune_mode(plan: MergePlan) -> str | None:
-    """The fine-tuning mode the inputs of ``plan`` record (a model's ``config.saft_finetune_mode``, a task vector's
-    ``finetune_mode`` metadata), None when none records one; raises naming the inputs when no one forward fits."""
-    modes = {item.label: _recorded_mode(item) for item in plan.inputs}
+def common_finetune_mode(modes: Mapping[str, str | None]) -> str | None:
+    """The one fine-tuning mode of the inputs, given what each records (``{label: mode or None}``: a model's
+    ``config.saft_finetune_mode``, a task vector's ``finetune_mode`` metadata), None when none records one; raises
+    naming the inputs when no one forward fits them all."""
     recorded = set(modes.values()) - {None}
     if len(recorded) > 1 or (FTTS_MODE in recorded and None in modes.values()):
         listing = "; ".join(f"{label}: {mode or 'none recorded'}" for label, mode in modes.items())
@@ -47,15 +44,9 @@ def input_finetune_mode(plan: MergePlan) -> str | None:
     return recorded.pop() if recorded else None
 
 
-def _recorded_mode(item) -> str | None:
-    if item.task_vector is not None:
-        return item.task_vector.metadata.get("finetune_mode") or None
-    return item.weights.config.get(MODE_FIELD) or None
-
-
-def record_finetuning(plan: MergePlan, folder: Path) -> None:
-    """Record the inputs' mode in ``folder/config.json`` (copied from the base) and copy their shared head."""
-    mode = input_finetune_mode(plan)
+def record_finetune_mode(folder: Path, mode: str | None, base_model: str) -> None:
+    """Record the inputs' ``mode`` in ``folder/config.json`` (copied from the base); FTTS also records
+    ``base_model``, the point the merge is linearised around."""
     config_path = folder / "config.json"
     if config_path.is_file():
         model_config = json.loads(config_path.read_text())
@@ -65,11 +56,10 @@ def record_finetuning(plan: MergePlan, folder: Path) -> None:
         if mode is not None:
             model_config[MODE_FIELD] = mode
         if mode == FTTS_MODE:
-            model_config[BASE_FIELD] = _base_reference(plan.config.base_model)
+            model_config[BASE_FIELD] = _base_reference(base_model)
         config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
     elif mode == FTTS_MODE:
-        raise ValueError(f"base_model: {plan.config.base_model} has no config.json to record the FTTS mode in")
-    _copy_shared_head(plan, folder)
+        raise ValueError(f"base_model: {base_model} has no config.json to record the FTTS mode in")
 
 
 def _base_reference(base_model: str) -> str:
@@ -79,11 +69,9 @@ def _base_reference(base_model: str) -> str:
     return hub.parse_model_ref(base_model)[0]
 
 
-def _copy_shared_head(plan: MergePlan, folder: Path) -> None:
-    heads = {}
-    for item in plan.inputs:
-        path = None if item.task_vector is not None else item.weights.folder / HEAD_FILE
-        heads[item.label] = path if path is not None and path.is_file() else None
+def copy_shared_head(folder: Path, heads: Mapping[str, Path | None]) -> None:
+    """Copy into ``folder`` the zero-shot head every input carries (``{label: its head file or None}``), when they
+    all carry the same one; warn otherwise."""
     carried = {label: path for label, path in heads.items() if path is not None}
     if not carried:
         return
@@ -95,7 +83,7 @@ def _copy_shared_head(plan: MergePlan, folder: Path) -> None:
     listing = ", ".join(carried)
     reason = f"only {listing} of the inputs have one" if without else f"{listing} hold different heads"
     warnings.warn(f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
-                  "CLIPModel base_model", stacklevel=3)  # fmt: skip
+                  "CLIPModel base_model", stacklevel=2)  # fmt: skip
 
 
 class MergedStateDict(dict):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import MergeConfig
 from .engine import MergePlan, check_output_dir, write_merge, write_model_folder
-from .finetuning import MergedStateDict, input_finetune_mode
+from .finetuning import MergedStateDict
 from .methods import get_method
 
 PAPER_ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -91,7 +91,7 @@ def search_coefficients(config: MergeConfig | dict | str | Path, evaluate_fn: Ev
     if write_best:
         check_output_dir(config)  # fail now, not after the search
     plan = MergePlan(config, token=token)
-    finetune_mode = input_finetune_mode(plan)
+    finetune_mode = plan.finetune_mode
     table = []
     for point in tqdm(points, desc="coefficient search", unit="point", disable=not progress):
         score = float(_evaluate(plan, point, evaluate_fn, evaluate_on, finetune_mode))

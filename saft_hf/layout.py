@@ -1,0 +1,39 @@
+"""The file names saft_hf reads and writes, and what a folder (or Hub repo) holds judged by its file names alone.
+
+A leaf: it imports nothing from saft_hf, so Hub access, checkpoint reading and task vectors can all ask whether a
+folder is a task vector without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+CONFIG_NAME = "config.json"
+# Written into every output folder saft_hf owns (saft_hf.checkpoints.atomic_output_dir); never pushed.
+OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
+TASK_VECTOR_WEIGHTS_NAME = "task_vector"
+# The index first: a sharded vector's metadata is read from it.
+TASK_VECTOR_WEIGHT_FILES = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors")
+
+
+def is_task_vector_listing(files: Collection[str]) -> bool:
+    """Whether a folder (or Hub repo) with these files holds a saved task vector: its weights, and no model config."""
+    return CONFIG_NAME not in files and any(name in files for name in TASK_VECTOR_WEIGHT_FILES)
+
+
+def is_task_vector_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a saved task vector (and no model config)."""
+    folder = Path(folder)
+    return folder.is_dir() and is_task_vector_listing({path.name for path in folder.iterdir() if path.is_file()})
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "OUTPUT_MANIFEST_NAME",
+    "TASK_VECTOR_WEIGHTS_NAME",
+    "TASK_VECTOR_WEIGHT_FILES",
+    "is_task_vector_folder",
+    "is_task_vector_listing",
+]
