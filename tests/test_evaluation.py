@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from datasets import Dataset
+from digits_clip import digits_trained_clip
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -22,7 +23,7 @@ from saft_hf.evaluation import (
 )
 from saft_hf.models import HEAD_FILE, CLIPVisionClassifier
 from saft_hf.modes import apply_finetune_mode
-from saft_hf.testing import build_tiny_t5, save_tiny_clip
+from saft_hf.testing import build_tiny_t5
 
 DIGITS = get_task("digits")
 NUM_ROWS = 30
@@ -30,28 +31,8 @@ NUM_ROWS = 30
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A tiny CLIP whose vision tower had 60 steps on digits: a random one maps every image to about one class, which
-    would hide rows scored out of order."""
-    root = tmp_path_factory.mktemp("clip")
-    random_clip = save_tiny_clip(root / "random", seed=0)
-    processor = AutoImageProcessor.from_pretrained(random_clip)
-    classifier = CLIPVisionClassifier.from_clip(random_clip, DIGITS.class_names, DIGITS.templates)
-    train = load_digits_splits()["train"].select(range(320))
-    pixel_values = processor(images=[image.convert("RGB") for image in train["image"]], return_tensors="pt")
-    labels = torch.tensor(train["label"])
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        batch = torch.randint(0, len(labels), (32,), generator=generator)
-        classifier(pixel_values=pixel_values["pixel_values"][batch], labels=labels[batch]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    clip = CLIPModel.from_pretrained(random_clip)
-    clip.vision_model.load_state_dict(classifier.vision_model.state_dict())
-    clip.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    AutoTokenizer.from_pretrained(random_clip).save_pretrained(root / "base")
-    return root / "base"
+    """A tiny CLIP whose vision tower had 60 steps on digits (`digits_clip`)."""
+    return digits_trained_clip(tmp_path_factory.mktemp("clip"), train_rows=320, steps=60)[0]
 
 
 @pytest.fixture(scope="module")

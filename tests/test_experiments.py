@@ -2,16 +2,15 @@
 (a second run trains, merges and scores nothing and writes the same tables), and both recipes end to end on tiny
 models offline, their scores checked against `evaluate_model` run directly on the written folders."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from datasets import Dataset
+from recipe_loader import RECIPES, import_recipe
 from transformers import CLIPModel
 
 from saft_hf.evaluation import evaluate_model
@@ -22,18 +21,6 @@ from saft_hf.task_vectors import TaskVector
 from saft_hf.testing import save_tiny_clip, save_tiny_t5
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
-
-
-def import_recipe(name: str):
-    """A recipe module as `python recipes/<name>.py` sees it (its folder on sys.path for `import finetune`)."""
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- table math ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """recipes/finetune.py: config-file/flag precedence, end-to-end runs in every fine-tuning mode whose saved models
 reproduce their metrics through `evaluate_model`, and best-on-validation checkpoint selection."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import torch
 import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
+from recipe_loader import import_recipe
 from safetensors.torch import load_file
 from transformers import AutoConfig, CLIPModel
 
@@ -27,15 +27,7 @@ RECIPE = REPO / "recipes" / "finetune.py"
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
 
 
-def _import_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass annotations are resolved through the module
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _import_recipe()
+finetune = import_recipe("finetune")
 
 
 def _write_config(path: Path, values: dict) -> Path:

@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
+from digits_clip import digits_trained_clip
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from saft_hf.data import get_task, load_digits_splits
 from saft_hf.evaluation import evaluate_model
 from saft_hf.merging import merge, search_coefficients, task_accuracy_evaluator
 from saft_hf.models import HEAD_FILE, CLIPVisionClassifier
 from saft_hf.modes import apply_finetune_mode
-from saft_hf.testing import save_tiny_clip
 
 DIGITS = get_task("digits")
 NUM_ROWS = 24
@@ -26,25 +25,7 @@ ALPHAS = (0.5, 1.0)
 def family(tmp_path_factory):
     """A full tiny CLIP (the merge's base) and two FTTS fine-tunes of its digits classifier, saved as folders."""
     root = tmp_path_factory.mktemp("ftts_family")
-    random_clip = save_tiny_clip(root / "random", seed=0)
-    processor = AutoImageProcessor.from_pretrained(random_clip)
-    classifier = CLIPVisionClassifier.from_clip(random_clip, DIGITS.class_names, DIGITS.templates)
-    # A few steps on digits first: a random tower answers about one class, which would hide a wrong forward.
-    train = load_digits_splits()["train"].select(range(256))
-    train_pixels = processor(images=[image.convert("RGB") for image in train["image"]], return_tensors="pt")
-    labels = torch.tensor(train["label"])
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        batch = torch.randint(0, len(labels), (32,), generator=generator)
-        classifier(pixel_values=train_pixels["pixel_values"][batch], labels=labels[batch]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    clip = CLIPModel.from_pretrained(random_clip)
-    clip.vision_model.load_state_dict(classifier.vision_model.state_dict())
-    base = root / "base"
-    for part in (clip, processor, AutoTokenizer.from_pretrained(random_clip)):
-        part.save_pretrained(base)
+    base, classifier, processor = digits_trained_clip(root, train_rows=256, steps=40)
     classifier.eval()
     folders = []
     for index in range(2):

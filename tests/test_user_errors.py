@@ -4,7 +4,6 @@ file and exit with status 1 (130 on Ctrl-C, 143 on SIGTERM), with a traceback on
 never writes into a folder holding another run."""
 
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import torch
 import yaml
 from huggingface_hub.utils import hf_raise_for_status
 from merge_fixtures import clip_vision_family
+from recipe_loader import import_recipe
 from safetensors.torch import save_file
 
 from saft_hf.checkpoints import ShardedSafetensorsWriter, TensorSpec
@@ -37,15 +37,7 @@ ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAF
 TORCHVISION_NOTE = "requires torchvision (not installed)"
 
 
-def _import_finetune_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_for_errors", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass annotations are resolved through the module
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _import_finetune_recipe()
+finetune = import_recipe("finetune")
 
 
 def _run(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
