@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from ..checkpoints import (
     tensor_dtype,
     tensor_shape,
 )
-from ..layout import is_task_vector_folder, is_task_vector_listing
+from ..layout import CONFIG_NAME, is_task_vector_folder, is_task_vector_listing
 from ..models.clip import HEAD_FILE
 from ..task_vectors import TaskVector
 from .config import MergeConfig
@@ -87,9 +87,9 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     """The inputs' tensors for one base name, each read when the method reaches it (a task vector's ``base +
     delta`` computed in float64 then), so a method looping over the models holds one of them at a time."""
 
-    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor, *, allow_nonfinite: bool):
-        self._inputs, self._name, self._base = inputs, name, base_tensor
-        self._allow_nonfinite = allow_nonfinite
+    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor,
+                 checked: Callable[[int, str, torch.Tensor], torch.Tensor]):  # fmt: skip
+        self._inputs, self._name, self._base, self._checked = inputs, name, base_tensor, checked
 
     def __len__(self) -> int:
         return len(self._inputs)
@@ -97,9 +97,7 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self._inputs[index]
         input_name = item.alignment.mapping[self._name]
-        tensor = item.weights.tensors[input_name]
-        if not self._allow_nonfinite:
-            check_finite(tensor, where=f"{item.label}: tensor {input_name!r}", advice=_NONFINITE_INPUT_ADVICE)
+        tensor = self._checked(index, input_name, item.weights.tensors[input_name])
         if item.task_vector is not None:
             return self._base.to(torch.float64, copy=True).add_(tensor.double())
         return tensor
@@ -136,6 +134,9 @@ class MergePlan:
         self.merged_names = self._common_coverage()
         self.base_ties = self.inputs[0].alignment.base_ties
         self.weights = [spec.weight for spec in config.models]
+        # (input index, tensor name) already found finite (the base is index -1): a method reading the models twice
+        # per tensor, or a coefficient search merging at every grid point, checks each input tensor once.
+        self._finite: set[tuple[int, str]] = set()
 
     @functools.cached_property
     def finetune_mode(self) -> str | None:
@@ -153,9 +154,9 @@ class MergePlan:
             raise FileNotFoundError(f"{field}: {error}") from error
         if listing is None:
             return ref, revision, is_task_vector_folder(Path(ref).expanduser())
-        if hub.CONFIG_NAME not in listing.files and not is_task_vector_listing(listing.files):
+        if CONFIG_NAME not in listing.files and not is_task_vector_listing(listing.files):
             raise FileNotFoundError(
-                f"{field}: Hub repo '{listing.repo_id}@{listing.commit}' has no {hub.CONFIG_NAME} (a model) and no "
+                f"{field}: Hub repo '{listing.repo_id}@{listing.commit}' has no {CONFIG_NAME} (a model) and no "
                 f"task_vector.safetensors (a task vector); files: {sorted(listing.files)}"
             )
         return listing.repo_id, listing.commit, is_task_vector_listing(listing.files)
@@ -194,7 +195,7 @@ class MergePlan:
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
         base_tensor = self._base_tensor(name)
-        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=self.config.allow_nonfinite)
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, self._checked_input)
         parameters = self.config.parameters_for(name, overrides)
         arguments = dict(parameters)
         if self.method.seeded:
@@ -203,10 +204,15 @@ class MergePlan:
         return self._to_output(name, merged, parameters)
 
     def _base_tensor(self, name: str) -> torch.Tensor:
-        tensor = self.base.tensors[name]
-        if not self.config.allow_nonfinite:
-            check_finite(tensor, where=f"base_model ({self.config.base_model}): tensor {name!r}",
-                         advice=_NONFINITE_INPUT_ADVICE)  # fmt: skip
+        return self._checked_input(-1, name, self.base.tensors[name])
+
+    def _checked_input(self, index: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (``name`` of input ``index``, -1 for the base), refused when it holds NaN or infinities."""
+        if self.config.allow_nonfinite or (index, name) in self._finite:
+            return tensor
+        label = f"base_model ({self.config.base_model})" if index < 0 else self.inputs[index].label
+        check_finite(tensor, where=f"{label}: tensor {name!r}", advice=_NONFINITE_INPUT_ADVICE)
+        self._finite.add((index, name))
         return tensor
 
     def _to_output(self, name: str, tensor: torch.Tensor, parameters: Mapping[str, Any] | None = None) -> torch.Tensor:
