@@ -132,6 +132,8 @@ def main() -> None:
         results[name] = f"{matching:.1e} from its reference, {other:.1e} from the other"
     if dist.get_rank() == 0:
         print(f"DATA PARALLEL OK {results}")
+    dist.barrier()  # no rank tears the gloo connections down while another still has a collective in flight
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ def main() -> None:
         assert "lm_head.weight" in str(error) and "Replicate" in str(error), error
     if dist.get_rank() == 0:
         print("FSDP2 sharpness OK")
+    # Rank 0 is done with the broadcast above as soon as it has sent; without a barrier it can tear the gloo
+    # connections down while rank 1 still receives, and rank 1 aborts ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
