@@ -284,6 +284,45 @@ def test_image_task_prepare_crops_train_randomly_and_evaluates_deterministically
     assert torch.equal(unaugmented, processor(images=splits["train"][:4]["image"], return_tensors="pt")["pixel_values"])
 
 
+def test_cached_digits_inputs_are_bit_identical_to_the_on_the_fly_transform():
+    """The digits tasks cache decoded images and resized crops per process; the same seed must give the very same
+    pixel_values (training crops drawn from the same random numbers) as transforming every batch afresh."""
+    import dataclasses
+
+    from saft_hf.data.transforms import clear_input_cache
+
+    task = get_task("digits_parity")
+    assert task.cache_inputs
+    uncached = dataclasses.replace(task, cache_inputs=False)
+    processor = tiny_clip_processor()
+    splits = task.load()
+    clear_input_cache()
+    batches = {}
+    for name, which in (("cached, cold", task), ("cached, warm", task), ("on the fly", uncached)):
+        prepared = which.prepare(splits, processor)
+        torch.manual_seed(0)
+        order = torch.randperm(len(prepared["train"])).tolist()
+        batches[name] = [prepared["train"][order[i:i + 32]]["pixel_values"] for i in range(0, 320, 32)]
+        batches[name] += [prepared[split][:]["pixel_values"] for split in ("validation", "test")]
+        assert prepared["train"][:2]["labels"].tolist() == splits["train"][:2]["label"]
+    for name in ("cached, cold", "cached, warm"):
+        assert all(torch.equal(a, b) for a, b in zip(batches[name], batches["on the fly"], strict=True)), name
+    # Evaluation tensors equal the transformers processor's.
+    expected = processor(images=splits["test"][:5]["image"], return_tensors="pt")["pixel_values"]
+    assert torch.equal(batches["cached, warm"][-1][:5], expected)
+
+
+def test_normalize_batches_equal_one_image_at_a_time_with_transformers_arithmetic():
+    transform = CLIPImageTransform.from_processor(tiny_clip_processor())
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    rescaled = (pixels.astype(np.float64) * transform.rescale_factor).astype(np.float32)
+    expected = (rescaled - np.array(transform.mean, dtype=np.float32)) / np.array(transform.std, dtype=np.float32)
+    batch = transform.normalize(pixels)
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, 32, 32) and batch.is_contiguous()
+    assert torch.equal(batch, torch.from_numpy(expected.transpose(0, 3, 1, 2).copy()))
+    assert torch.equal(transform.normalize(pixels[1]), batch[1])
+
+
 @pytest.fixture(scope="module")
 def glue_like(tmp_path_factory):
     """An SST-2-shaped folder of parquet files, as a local copy of GLUE data would be (test = GLUE validation)."""

@@ -20,6 +20,7 @@ from saft_hf.experiments.demo import (
     pretraining_splits,
     register_demo_tasks,
 )
+from saft_hf.experiments.study import SMOOTHED
 from test_experiments import RECIPES, import_recipe
 
 register_demo_tasks()
@@ -100,7 +101,13 @@ def test_two_seed_demo_study_end_to_end_prints_progress_and_tables_but_no_raw_lo
     rows = {(r["method"], r["setting"], r["family"]): r for r in summary["rows"]}
     assert set(rows) == {("fine-tuned", "", "sgd"), ("fine-tuned", "", "saft"), ("task_arithmetic", "searched", "sgd"),
                          ("task_arithmetic", "searched", "saft"), ("ties", "searched", "sgd"),
-                         ("ties", "searched", "saft")}  # fmt: skip
+                         ("ties", "searched", "saft"), *((method, SMOOTHED, family) for method in ("task_arithmetic",
+                         "ties") for family in ("sgd", "saft"))}  # fmt: skip
+    # A one-value grid has no neighbours: its smoothed row is the searched one.
+    assert rows[("ties", SMOOTHED, "saft")]["merged"] == rows[("ties", "searched", "saft")]["merged"]
+    # The recorded budget is the fine-tunes' (--quick: 10 steps), the same for both families.
+    assert summary["finetune_settings"]["saft"]["sam_mode"] == "asam"
+    assert {f["max_steps"] for f in summary["finetune_settings"].values()} == {10}
     # The study's numbers are the per-seed experiments' (one source of numbers): the paired difference of seed s is
     # saft's minus sgd's average test accuracy in seed s's scores.json.
     for seed in (0, 1):

@@ -149,3 +149,16 @@ def test_readme_demo_section_is_generated_from_the_committed_study_summary():
     differences = list(headline["difference"]["per_seed"].values())
     assert headline["difference"]["mean"] == pytest.approx(sum(differences) / len(differences))
     assert headline["difference"]["wins"] == sum(d > 0 for d in differences)
+
+
+def test_readme_text_states_each_familys_recorded_budget_and_sam_settings():
+    from saft_hf.experiments.study import _families_text
+
+    settings = {"sgd": {"sam_mode": "none", "max_steps": 600},
+                "saft": {"sam_mode": "asam", "sam_rho": 0.5, "max_steps": 600},
+                "every4": {"sam_mode": "asam", "sam_rho": 0.5, "sam_interval": 4, "max_steps": 600}}  # fmt: skip
+    assert _families_text({"finetune_settings": settings}) == (
+        "plain fine-tuning (`sgd`), `saft` (ASAM, rho 0.5) and `every4` (ASAM, rho 0.5, every 4 steps) "
+        "for the same 600 steps")  # fmt: skip
+    settings["saft"]["max_steps"] = 300
+    assert _families_text({"finetune_settings": settings}).endswith("for 300, 600 steps")

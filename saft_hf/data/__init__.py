@@ -14,7 +14,7 @@ from .registry import (
     register_task,
     split_validation,
 )
-from .transforms import CLIPImageTransform
+from .transforms import CachedImageInputs, CLIPImageTransform
 from .vision import VISION_TASK_NAMES, VISION_TASKS
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "VISION_TASKS",
     "VISION_TASK_NAMES",
     "CLIPImageTransform",
+    "CachedImageInputs",
     "HubDataset",
     "ImageClassificationTask",
     "Task",

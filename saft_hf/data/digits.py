@@ -68,7 +68,7 @@ def make_digits_task(
     """A task on the digits data: `class_of_digit` maps each digit the task uses to its class index (digits it
     leaves out are dropped), `class_names[i]` names class `i`. `source_splits` returns the digit-labelled splits
     it draws from (default: all of `load_digits_splits`; the demo holds part of the train split out for
-    pre-training)."""
+    pre-training). The task caches its model inputs (`ImageClassificationTask.cache_inputs`): 1797 8x8 images."""
     unknown = sorted(set(class_of_digit) - set(range(10)))
     if unknown:
         raise ValueError(f"Digits task {name!r}: class_of_digit has keys {unknown} that are not digits 0-9.")
@@ -87,7 +87,7 @@ def make_digits_task(
             )
         return _digits_task_splits(class_of_digit, class_names, source_splits())
 
-    return ImageClassificationTask(name, class_names, tuple(templates), load_splits)
+    return ImageClassificationTask(name, class_names, tuple(templates), load_splits, cache_inputs=True)
 
 
 DIGITS_TASKS = tuple(

@@ -14,7 +14,7 @@ Every size, the resampling filter, mean and std come from the model's image proc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from PIL import Image
 DEFAULT_TRAIN_SCALE = (0.9, 1.0)
 DEFAULT_TRAIN_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
+_NORMALIZATION_TABLES: dict = {}
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -116,6 +117,10 @@ class CLIPImageTransform:
 
     def evaluation(self, image: Image.Image) -> torch.Tensor:
         """Resize, centre crop (offsets rounded down, as `CLIPImageProcessor` does), rescale, normalise."""
+        return self.normalize(self.evaluation_image(image))
+
+    def evaluation_image(self, image: Image.Image) -> Image.Image:
+        """The evaluation resize and centre crop, before rescaling (an RGB image)."""
         image = image.convert("RGB").resize(self.resized_size(*image.size), resample=self.resample)
         if self.crop_size is not None:
             crop_height, crop_width = self.crop_size
@@ -125,16 +130,21 @@ class CLIPImageTransform:
                 )
             top, left = (image.height - crop_height) // 2, (image.width - crop_width) // 2
             image = image.crop((left, top, left + crop_width, top + crop_height))
-        return self._to_tensor(image)
+        return image
 
     def training(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random resized crop to the output size, rescale, normalise. Randomness comes from `generator`, or from
         torch's global RNG (seeded by `set_seed` and per DataLoader worker) when None."""
+        box = self.random_crop_box(image.width, image.height, generator)
+        return self.normalize(self.training_image(image, box))
+
+    def training_image(self, image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        """The crop `box` = `(top, left, height, width)` of `image` resized to the output size (an RGB image)."""
         image = image.convert("RGB")
-        top, left, height, width = self.random_crop_box(image.width, image.height, generator)
+        top, left, height, width = box
         output_height, output_width = self.output_size() or self.resized_size(image.width, image.height)[::-1]
         crop = image.crop((left, top, left + width, top + height))
-        return self._to_tensor(crop.resize((output_width, output_height), resample=self.resample))
+        return crop.resize((output_width, output_height), resample=self.resample)
 
     def random_crop_box(
         self, width: int, height: int, generator: torch.Generator | None = None
@@ -162,13 +172,85 @@ class CLIPImageTransform:
             crop_width, crop_height = width, height
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+    def normalize(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """Rescale and normalise an RGB image, or a uint8 array `(..., height, width, 3)` of them, to a float tensor
+        `(..., 3, height, width)`. Element by element (a table of the 256 values per channel), so a stacked batch
+        gives the same numbers as one image at a time."""
+        pixels = np.moveaxis(np.asarray(image, dtype=np.uint8), -1, -3)
+        table = self._normalization_table()
+        return torch.from_numpy(np.stack([table[channel][pixels[..., channel, :, :]] for channel in range(3)],
+                                         axis=-3))  # fmt: skip
+
+    def _normalization_table(self) -> np.ndarray:
         # transformers' order of operations and dtypes: rescale in float64, cast to float32, then normalise.
-        pixels = (np.asarray(image, dtype=np.uint8).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        pixels = (pixels - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        table = _NORMALIZATION_TABLES.get(self)
+        if table is None:
+            levels = (np.arange(256, dtype=np.uint8).astype(np.float64) * self.rescale_factor).astype(np.float32)
+            table = (levels[None, :] - np.array(self.mean, dtype=np.float32)[:, None]) / np.array(
+                self.std, dtype=np.float32)[:, None]  # fmt: skip
+            table = _NORMALIZATION_TABLES[self] = np.ascontiguousarray(table, dtype=np.float32)
+        return table
 
     def __call__(self, images: Sequence[Image.Image], train: bool = False) -> torch.Tensor:
         """A batch `(n, 3, height, width)`: `training` transforms if `train`, else `evaluation`."""
         transform = self.training if train else self.evaluation
         return torch.stack([transform(image) for image in images])
+
+
+CACHE_BYTES = 512 * 2**20  # per process; past it, inputs are still built, just no longer kept
+_decoded: dict[tuple, Image.Image] = {}
+_resized: dict[tuple, np.ndarray] = {}
+_cached_bytes = 0
+
+
+class CachedImageInputs:
+    """`CLIPImageTransform` batches from encoded images (a datasets `Image(decode=False)` column: `{"bytes",
+    "path"}` dicts), memoised per process: each image is decoded once, and each evaluation image and each training
+    crop box (`random_crop_box`) of it is resized once and kept as uint8; rescaling and normalisation run on the
+    stacked batch.
+
+    The random crop boxes are drawn exactly as `CLIPImageTransform.training` draws them (same generator, same
+    order), so a batch is bit-identical to `transform(decoded_images, train)`: only the repeated decoding and
+    resizing is saved. Worth it for small images seen many times (the digits demo: an 8x8 image admits nine crop
+    boxes, and every fine-tune, evaluation and merge search of a process reuses them); the cache is shared by every
+    instance in the process (keyed by transform, decoding and image) and stops growing at `CACHE_BYTES`.
+    """
+
+    def __init__(self, transform: CLIPImageTransform, decode: Callable[[dict], Image.Image], decode_key: Any = None):
+        self.transform = transform
+        self.decode = decode  # the dataset's `Image` feature's decode_example (mode conversion, EXIF transpose)
+        self.decode_key = decode_key  # what distinguishes `decode` from another (the feature's mode)
+
+    def __call__(self, encoded: Sequence[dict], train: bool = False, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+        return self.transform.normalize(np.stack([self.pixels(item, train, generator) for item in encoded]))
+
+    def pixels(self, encoded: dict, train: bool = False, generator: torch.Generator | None = None) -> np.ndarray:
+        """One image's resized (training: randomly cropped) uint8 pixels `(height, width, 3)`."""
+        global _cached_bytes
+        source = encoded["bytes"] if encoded.get("bytes") is not None else encoded["path"]
+        image_key = (self.decode_key, source)
+        image = _decoded.get(image_key)
+        if image is None:
+            image = self.decode(encoded).convert("RGB")
+            if _cached_bytes < CACHE_BYTES:
+                _decoded[image_key] = image
+                _cached_bytes += len(image.tobytes()) + (len(source) if isinstance(source, bytes) else 0)
+        box = self.transform.random_crop_box(image.width, image.height, generator) if train else None
+        key = (self.transform, image_key, box)
+        pixels = _resized.get(key)
+        if pixels is None:
+            resized = self.transform.training_image(image, box) if train else self.transform.evaluation_image(image)
+            pixels = np.asarray(resized, dtype=np.uint8)
+            if _cached_bytes < CACHE_BYTES:
+                _resized[key] = pixels
+                _cached_bytes += pixels.nbytes
+        return pixels
+
+
+def clear_input_cache() -> None:
+    """Forget every image `CachedImageInputs` kept in this process."""
+    global _cached_bytes
+    _decoded.clear()
+    _resized.clear()
+    _cached_bytes = 0
