@@ -189,41 +189,74 @@ def task_vector_card(metadata: Mapping[str, Any]) -> ModelCard:
     )
 
 
-def finetune_card(info: Mapping[str, Any]) -> ModelCard:
-    """The card of a SAFT fine-tune.
+# What each SAFT setting means, for the card's settings table.
+SAM_SETTING_MEANINGS = {
+    "sam_mode": "sharpness-aware step: asam (adaptive SAM, the paper's), sam, or none (plain fine-tuning)",
+    "sam_rho": "radius of the weight perturbation",
+    "sam_eta": "ASAM's eta in T = |w| + eta",
+    "sam_adaptive_scope": "tensors ASAM scales by |w| + eta: all trainable tensors, or weights only",
+    "sam_interval": "one optimizer step out of this many is perturbed",
+    "sam_sync_perturbation": "under DDP, perturbation from the all-reduced gradient (else each device's own)",
+}
 
-    `info` keys: `base_model` (required), `base_revision`, `task`, `dataset`, `finetune_mode`, `sam_mode`, `sam_rho`,
-    `sam_eta` (and any other `sam_*` setting), `training_args` (a mapping of hyper-parameters), `eval_metrics`
-    (a mapping of metric name to value), `repo_id` (names the model in the usage example).
+
+def finetune_card(info: Mapping[str, Any]) -> ModelCard:
+    """The card of a SAFT fine-tune (what `SAFTTrainer.create_model_card` writes).
+
+    `info` keys: `base_model` (required unless `architecture` is given: a model built from a config has no base),
+    `base_revision`, `architecture` (the model class, shown when there is no base model), `task`, `dataset`,
+    `finetune_mode` (`lora` makes the card a PEFT adapter's), `sam_mode`, `sam_rho`, `sam_eta` (and any other
+    `sam_*` setting), `training_args` (a mapping of hyper-parameters), `eval_metrics` (a mapping of metric name to
+    value), `repo_id` (names the model in the usage example), `model_name` (the title; default the repo name),
+    `tags` (extra tags), `language`, `license`.
+
+    Local paths (base model, dataset) are shown by folder name only (`saft_hf.hub.public_ref`); only Hub ids are
+    linked and become metadata.
     """
     info = redact_secrets(info)
-    if not info.get("base_model"):
+    if not info.get("base_model") and not info.get("architecture"):
         raise ValueError("Fine-tune info has no 'base_model'.")
-    base_models = _hub_ids([info["base_model"]])
+    base_model = info.get("base_model")
+    base_models = _hub_ids([base_model])
     dataset = info.get("dataset")
+    dataset_ids = _hub_ids([dataset])
     sam_mode = info.get("sam_mode")
+    finetune_mode = info.get("finetune_mode")
     sam_tag = "sharpness-aware-minimization" if sam_mode not in (None, "none") else None
+    adapter = finetune_mode == "lora"
+    extra_tags = info.get("tags") or []
+    if isinstance(extra_tags, str):
+        extra_tags = [extra_tags]
     card_data = ModelCardData(
         base_model=base_models or None,
-        base_model_relation="finetune" if base_models else None,
-        datasets=_hub_ids([dataset]) or None,
-        library_name="transformers",
-        tags=_tags("saft_hf", sam_tag, sam_mode, info.get("finetune_mode")),
+        base_model_relation=("adapter" if adapter else "finetune") if base_models else None,
+        datasets=dataset_ids or None,
+        language=info.get("language"),
+        license=info.get("license"),
+        library_name="peft" if adapter else "transformers",
+        tags=_tags("saft_hf", sam_tag, sam_mode, finetune_mode, *extra_tags),
     )
     model_id = info.get("repo_id") or "path/to/fine-tuned-model"
+    sam_settings = {key: value for key, value in info.items() if key.startswith("sam_")}
     return _render(
         "finetune.md",
         card_data,
         model_id=model_id,
-        model_name=Path(model_id).name,
-        base_model=public_ref(info["base_model"]),
+        model_name=info.get("model_name") or Path(model_id).name,
+        base_model=public_ref(base_model) if base_model else None,
         base_model_id=next(iter(base_models), None),
         base_revision=info.get("base_revision"),
+        architecture=info.get("architecture"),
         task=info.get("task"),
-        dataset=dataset,
-        finetune_mode=info.get("finetune_mode"),
+        dataset=public_ref(dataset) if dataset else None,
+        dataset_id=next(iter(dataset_ids), None),
+        finetune_mode=finetune_mode,
+        adapter=adapter,
         sam_mode=sam_mode,
-        sam_settings=_rows({key: value for key, value in info.items() if key.startswith("sam_")}),
+        sam_settings=[
+            (name, value, _cell(SAM_SETTING_MEANINGS.get(key, "")))
+            for (name, value), key in zip(_rows(sam_settings), sam_settings)
+        ],
         training_args=_rows(info.get("training_args")),
         eval_metrics=_rows(info.get("eval_metrics")),
     )

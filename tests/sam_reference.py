@@ -108,9 +108,11 @@ def reference_training(
     eta: float = 0.01,
     scope: str = "all",
     rng_states: Sequence[torch.Tensor] | None = None,
+    scales: Sequence[Sequence[float]] | None = None,
 ) -> ReferenceLog:
     """Train `model` in place by hand: for each optimizer step (a list of micro-batches) and each micro-batch, the
-    gradient at `w` of the loss divided by the number of micro-batches, `e` from that gradient alone, the gradient at
+    gradient at `w` of the loss divided by the number of micro-batches (or times `scales[step][k]`, e.g. the
+    micro-batch's share of the step's label tokens for a token-weighted loss), `e` from that gradient alone, the gradient at
     `w + e` added to the step's sum; then gradient clipping and one `torch.optim.AdamW` step. `mode="none"` is plain
     training. `rng_states[i]` (one per micro-batch, in order) is set before both passes of micro-batch i, so dropout
     sees the same masks in both."""
@@ -121,12 +123,12 @@ def reference_training(
     log = ReferenceLog()
     model.train()
     rng_iterator = iter(rng_states) if rng_states is not None else None
-    for micro_batches in steps:
+    for step, micro_batches in enumerate(steps):
         total = [torch.zeros_like(param) for param in params]
         log.losses.append(0.0)
-        for batch in micro_batches:
+        for k, batch in enumerate(micro_batches):
             rng_state = next(rng_iterator) if rng_iterator is not None else None
-            scale = 1 / len(micro_batches)
+            scale = scales[step][k] if scales is not None else 1 / len(micro_batches)
             loss, grads = _loss_and_gradients(model, batch, scale, rng_state=rng_state)
             log.losses[-1] += loss
             if mode != "none":

@@ -151,7 +151,9 @@ def test_finetune_card(sam_mode, tags, intro):
     assert card.data.datasets == ["nyu-mll/glue"]
     assert card.data.tags == tags
     assert intro in card.text and "(revision `" + "e" * 40 + "`)" in card.text
-    assert body_table(card, "| setting | value |") == [["sam_mode", sam_mode], ["sam_rho", "0.5"], ["sam_eta", "0"]]
+    settings = body_table(card, "| setting | value | meaning |")
+    assert [row[:2] for row in settings] == [["sam_mode", sam_mode], ["sam_rho", "0.5"], ["sam_eta", "0"]]
+    assert settings[1][2] == "radius of the weight perturbation" and "\\|w\\| + eta" in settings[2][2]
     assert body_table(card, "| hyper-parameter | value |") == [
         ["learning_rate", "1e-05"],
         ["per_device_train_batch_size", "16"],
@@ -160,6 +162,39 @@ def test_finetune_card(sam_mode, tags, intro):
     assert body_table(card, "| metric | value |") == [["eval_accuracy", "0.758123"]]
     assert f"title     = {{{SAFT_TITLE}}}" in card.text
     assert "Lee, Yeoreum and Jung, Jinwook and Baik, Sungyong" in card.text
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_finetune_card_of_a_lora_adapter_with_a_local_dataset(tmp_path, local):
+    dataset = tmp_path / "data" / "my-rte" if local else "nyu-mll/glue"
+    info = {
+        "base_model": "google/flan-t5-base",
+        "finetune_mode": "lora",
+        "sam_mode": "sam",
+        "dataset": str(dataset),
+        "tags": ["extra", "saft_hf"],
+        "model_name": "rte-lora",
+        "repo_id": "me/rte-lora",
+        "license": "apache-2.0",
+    }
+    card = ModelCard(str(finetune_card(info)))
+    assert card.data.library_name == "peft" and card.data.base_model_relation == "adapter"
+    assert card.data.tags == ["saft_hf", "sharpness-aware-minimization", "sam", "lora", "extra"]
+    assert card.data.license == "apache-2.0"
+    assert "# rte-lora" in card.text.splitlines()
+    assert "AutoPeftModel.from_pretrained(\"me/rte-lora\")" in card.text
+    if local:
+        assert card.data.datasets is None and str(tmp_path) not in str(card)
+        assert "on the my-rte (local folder) dataset" in card.text
+    else:
+        assert card.data.datasets == ["nyu-mll/glue"]
+        assert "[nyu-mll/glue](https://huggingface.co/datasets/nyu-mll/glue)" in card.text
+
+
+def test_finetune_card_without_a_base_model_names_the_architecture():
+    card = ModelCard(str(finetune_card({"architecture": "T5ForConditionalGeneration", "sam_mode": "asam"})))
+    assert card.data.base_model is None and card.data.get("base_model_relation") is None
+    assert "a fine-tuned version of a `T5ForConditionalGeneration` built from its configuration" in card.text
 
 
 def test_task_vector_card():

@@ -12,6 +12,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from sam_reference import AdamW, reference_training
 from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
     T5ForConditionalGeneration,
     Trainer,
     TrainerCallback,
@@ -21,7 +24,9 @@ from transformers import (
 
 from saft_hf import SAFTConfig, SAFTTrainer
 from saft_hf.models.clip import CLIPVisionClassifier, build_zero_shot_head
+from saft_hf.modes import linearize
 from saft_hf.testing import build_tiny_clip, tiny_t5_config
+from saft_hf.trainer import forward_consumes_num_items_in_batch
 
 LR = 1e-3
 VOCAB = 64
@@ -87,7 +92,7 @@ MODELS = {"t5": (tiny_t5, t5_samples), "clip": (tiny_clip, clip_samples)}
 
 def train(
     model, samples, output_dir, *, trainer_class=SAFTTrainer, steps: int, batch_size: int = 2, resume_from=None,
-    callbacks=None, **overrides,
+    callbacks=None, data_collator=None, **overrides,
 ):  # fmt: skip
     """Train with a constant learning rate, samples in order, one log per step, no checkpoints (unless overridden)."""
     settings = dict(
@@ -108,7 +113,10 @@ def train(
     )
     settings.update(overrides)
     args_class = SAFTConfig if issubclass(trainer_class, SAFTTrainer) else TrainingArguments
-    trainer = trainer_class(model=model, args=args_class(**settings), train_dataset=samples, callbacks=callbacks)
+    trainer = trainer_class(
+        model=model, args=args_class(**settings), train_dataset=samples, callbacks=callbacks,
+        data_collator=data_collator,
+    )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer
 
@@ -296,6 +304,157 @@ def test_stock_trainer_shows_the_accumulation_pitfall_this_trainer_fixes(tmp_pat
     assert updates[Trainer, 1].abs().max() > 1e-3
     torch.testing.assert_close(updates[Trainer, 2], 2 * updates[Trainer, 1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(updates[SAFTTrainer, 2], updates[Trainer, 1], rtol=1e-4, atol=1e-6)
+
+
+# 3b. Models whose loss consumes `num_items_in_batch` (causal LMs) keep the stock token-weighted accumulation.
+GPT2_LENGTHS = (4, 16, 7, 12)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+
+def gpt2_samples(lengths=GPT2_LENGTHS, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Sequences of different lengths, labels = inputs. Label 0 is masked: it is never a target (the loss shifts
+    the labels), and with it masked the label count is the same whether or not the Trainer counts position 0
+    (it does for `GPT2LMHeadModel`, whose class name matches no `LOSS_MAPPING` entry)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for length in lengths:
+        input_ids = torch.randint(1, VOCAB, (length,), generator=generator)
+        labels = input_ids.clone()
+        labels[0] = -100
+        samples.append({"input_ids": input_ids, "labels": labels})
+    return samples
+
+
+def pad_collator(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right padding: pad id 0, attention mask 0 and label -100 on the padding."""
+    length = max(len(sample["input_ids"]) for sample in samples)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for sample in samples:
+        pad = length - len(sample["input_ids"])
+        batch["input_ids"].append(torch.nn.functional.pad(sample["input_ids"], (0, pad), value=0))
+        batch["attention_mask"].append(torch.nn.functional.pad(torch.ones_like(sample["input_ids"]), (0, pad)))
+        batch["labels"].append(torch.nn.functional.pad(sample["labels"], (0, pad), value=-100))
+    return {name: torch.stack(values) for name, values in batch.items()}
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
+def token_weighted_sgd_step(model, samples, lr: float) -> None:
+    """One SGD step on the mean token loss over all samples' targets, by hand."""
+    params = list(model.parameters())
+    total_tokens = sum(label_tokens(sample) for sample in samples)
+    loss = sum(
+        model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss * label_tokens(sample)
+        for sample in samples
+    ) / total_tokens
+    with torch.no_grad():
+        for param, grad in zip(params, torch.autograd.grad(loss, params)):
+            param -= lr * grad
+
+
+def test_causal_lm_accumulation_is_token_weighted_as_in_the_stock_trainer(tmp_path):
+    # 4 micro-batches of 3-15 target tokens, one SGD step at lr 0.1. Before the per-model loss-kwargs rule this
+    # trainer divided GPT-2's loss by the accumulation steps (each micro-batch's mean weighing the same) and ended
+    # 2.4e-2 away from the stock Trainer (now: bit-identical to it, 4e-9 from the hand-computed step).
+    sgd = {key: value for key, value in PLAIN.items() if key != "sam_mode"} | {"learning_rate": 0.1}
+    common = dict(steps=1, data_collator=pad_collator, **sgd)
+    samples = gpt2_samples()
+    stock, saft, big_batch, reference = tiny_gpt2(), tiny_gpt2(), tiny_gpt2(), tiny_gpt2()
+    train(stock, samples, tmp_path / "stock", trainer_class=Trainer, batch_size=1, gradient_accumulation_steps=4,
+          **common)  # fmt: skip
+    trainer = train(saft, samples, tmp_path / "saft", batch_size=1, gradient_accumulation_steps=4, sam_mode="none",
+                    **common)  # fmt: skip
+    train(big_batch, samples, tmp_path / "big", batch_size=4, sam_mode="none", **common)
+    token_weighted_sgd_step(reference, samples, lr=0.1)
+
+    assert trainer.model_accepts_loss_kwargs is True
+    assert max_difference(saft, stock) <= 1e-8
+    assert_same_weights(saft, reference, tolerance=1e-7)
+    assert_same_weights(big_batch, reference, tolerance=1e-7)
+    # The rule matters here: per-micro-batch means weighed equally give a different step.
+    assert max_difference(reference, tiny_gpt2()) > 1e-2
+
+
+def test_causal_lm_sharpness_aware_accumulation_equals_the_hand_computed_steps(tmp_path):
+    model, reference = tiny_gpt2(), tiny_gpt2()
+    samples = gpt2_samples((4, 16, 7, 12, 9, 5, 14, 6))
+    recorder = GradientRecorder()
+    trainer = train(
+        model, samples, tmp_path, steps=2, batch_size=1, gradient_accumulation_steps=4, callbacks=[recorder],
+        sam_mode="asam", sam_rho=0.5, sam_eta=0.01, **ADAM,
+    )  # fmt: skip
+    steps = optimizer_steps(samples, 2, 4, batch_size=1)
+    # Each micro-batch's loss enters as its share of the step's target tokens (the Trainer's `num_items_in_batch`);
+    # the perturbation of a micro-batch comes from that micro-batch's (scaled) gradient alone.
+    scales = [[label_tokens(batch) / sum(map(label_tokens, step)) for batch in step] for step in steps]
+    log = reference_training(reference, steps, reference_adam(trainer), mode="asam", rho=0.5, scales=scales)
+
+    assert trainer.model_accepts_loss_kwargs is True
+    assert_same_gradients(recorder.gradients, log.step_gradients)
+    assert_same_weights(model, reference)
+    for step, entry in enumerate(step_logs(trainer)):
+        micro = slice(step * 4, (step + 1) * 4)
+        assert entry["loss"] == pytest.approx(log.losses[step], rel=1e-5)
+        assert entry["sam/grad_norm"] == pytest.approx(sum(log.grad_norms[micro]) / 4, rel=1e-5)
+        assert entry["sam/sharpness"] == pytest.approx(sum(log.sharpness[micro]), rel=1e-4, abs=1e-6)
+
+
+class DeclaresLossKwargs(torch.nn.Module):
+    accepts_loss_kwargs = True
+
+    def forward(self, **inputs):
+        return inputs
+
+
+class ForwardsKwargs(torch.nn.Module):
+    def forward(self, labels=None, **kwargs):
+        return self.helper(labels, **kwargs)
+
+
+class ReadsTheCount(torch.nn.Module):
+    def forward(self, labels=None, **kwargs):
+        return labels.sum() / kwargs.get("num_items_in_batch", 1)
+
+
+def _gpt2_classifier():
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0)
+    return GPT2ForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (tiny_gpt2, True),  # `self.loss_function(..., **kwargs)`, ForCausalLMLoss takes the count
+        (tiny_t5, False),  # **kwargs, but `CrossEntropyLoss()` of its own
+        (tiny_clip, False),  # no **kwargs
+        (_gpt2_classifier, False),  # `self.loss_function` is ForSequenceClassificationLoss: ignores the count
+        (lambda: linearize(tiny_gpt2()), False),  # FTTS wrapper: its own mean cross-entropy
+        (DeclaresLossKwargs, True),
+        (ForwardsKwargs, False),  # hands **kwargs on: unknown, so the safe answer
+        (ReadsTheCount, True),
+    ],
+)
+def test_which_models_consume_num_items_in_batch(build, expected):
+    assert forward_consumes_num_items_in_batch(build()) is expected
+
+
+def test_label_smoothing_keeps_the_stock_loss_kwargs(tmp_path):
+    # The label smoother normalises by `num_items_in_batch` itself, whatever the model's forward does.
+    args = SAFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1)
+    assert SAFTTrainer(model=tiny_t5(), args=args).model_accepts_loss_kwargs is True
+    args = SAFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert SAFTTrainer(model=tiny_t5(), args=args).model_accepts_loss_kwargs is False
 
 
 # 4. Invariants of the two-pass step.
