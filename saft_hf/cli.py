@@ -18,8 +18,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, run_main
 
 PROG = "saft-hf"
@@ -73,6 +71,9 @@ def run_merge(config: str | Path, *, output_dir: str | None = None, push_to_hub:
 
 
 def run_task_vector(args: argparse.Namespace) -> Path:
+    # Deferred to the command that needs them (like every command's imports here): `saft-hf --help` starts fast.
+    import torch
+
     from .task_vectors import TaskVector
 
     recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
