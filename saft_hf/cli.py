@@ -85,7 +85,7 @@ def run_task_vector(args: argparse.Namespace) -> Path:
         vector = TaskVector.from_models(args.base, args.finetuned, finetune_mode=args.finetune_mode, dtype=dtype,
                                         allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
                                         **recorded)  # fmt: skip
-    folder = vector.save(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
+    folder = vector.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
     if args.push_to_hub:
         vector.push_to_hub(args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)
     return folder
