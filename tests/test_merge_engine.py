@@ -53,6 +53,8 @@ def in_memory_merge(config):
         parameters = config.parameters_for(name)
         if method.seeded:
             parameters["seed"] = tensor_seed(parameters["seed"], name)
+        if method.float32:  # the engine's choice for these float32 checkpoints
+            parameters["dtype"] = torch.float32
         merged[name] = method.function(tensor, [state[name] for state in states], weights, **parameters).to(tensor.dtype)
     return merged
 
@@ -244,8 +246,9 @@ def test_vision_tower_finetunes_merge_into_a_full_clip_base(tmp_path, naming):
     for name in base:
         if name.startswith("vision_model."):
             short = name.removeprefix("vision_model.")
-            taus = [state[short].double() - base[name].double() for state in tuned_states]
-            assert torch.equal(merged[name], (base[name].double() + 0.5 * (taus[0] + taus[1])).float()), name
+            # float32 checkpoints are merged in float32 (test_merge_float32 bounds the difference to float64)
+            taus = [state[short] - base[name] for state in tuned_states]
+            assert torch.equal(merged[name], base[name] + 0.5 * (taus[0] + taus[1])), name
         else:
             assert torch.equal(merged[name], base[name]), name
     assert CLIPVisionModel.from_pretrained(out).state_dict().keys() == tuned_states[0].keys()
