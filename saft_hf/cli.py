@@ -133,7 +133,7 @@ def dataset_paths(pairs: Sequence[str], tasks: Sequence[str]) -> dict[str, str]:
 def check_evaluation_output(path: Path) -> None:
     """Refuse an ``--output`` that would replace a folder or a file ``saft-hf evaluate`` did not write."""
     if path.is_dir():
-        raise IsADirectoryError(f"--output {path}: is a folder; name a .json file")
+        raise ValueError(f"--output {path}: is a folder; name a .json file")
     if not path.exists():
         return
     try:

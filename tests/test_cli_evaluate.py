@@ -77,3 +77,5 @@ def test_output_it_did_not_write_is_left_alone(tmp_path, capsys):
         "remove it\n"
     )
     assert output.read_text() == '{"mine": 1}'
+    assert cli_main(["evaluate", str(tmp_path / "no_model"), "--task", "digits", "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"saft-hf: error: --output {tmp_path}: is a folder; name a .json file\n"

@@ -17,7 +17,7 @@ from transformers import CLIPModel, CLIPVisionModel
 
 from saft_hf.checkpoints import CheckpointReader, ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
-from saft_hf.errors import UnsafeOutputError
+from saft_hf.errors import NonFiniteError, UnsafeOutputError
 from saft_hf.hub import _folder_files
 from saft_hf.merging import MergeConfig, get_method, merge, search_coefficients
 from saft_hf.merging.engine import tensor_seed
@@ -264,6 +264,20 @@ def test_tied_weights_are_merged_once(tmp_path):
     states = [load_file(path / "model.safetensors") for path in tuned]
     assert set(merged) == set(states[0])
     assert torch.equal(merged["shared.weight"], ((states[0]["shared.weight"].double() + states[1]["shared.weight"].double()) / 2).float())
+
+
+def test_parallel_merge_keeps_the_base_order_for_results_and_errors(family, tmp_path):
+    base_dir, tuned = family
+    names = list(CheckpointReader(base_dir))
+    merged = merged_weights(merge(recipe(family, tmp_path / "out", max_shard_size=5000), progress=False))
+    assert list(merged) == names
+    # NaN in a tensor near the start and in the last one: the first in the base's order is reported, even though
+    # the next tensors are merged at the same time.
+    first, last = names[1], names[-1]
+    bad = _broken_copy(tuned[1], tmp_path / "ft_bad", lambda path: _resave(path, lambda state: [
+        state[name].view(-1).__setitem__(0, float("nan")) for name in (first, last)]))  # fmt: skip
+    with pytest.raises(NonFiniteError, match=rf"^models\[1\] \({re.escape(str(bad))}\): tensor '{re.escape(first)}' "):
+        merge({**recipe(family, tmp_path / "out2"), "models": [str(tuned[0]), str(bad)]}, progress=False)
 
 
 # ---- bad inputs: clear errors, no output ------------------------------------------------------------------------

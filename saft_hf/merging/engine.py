@@ -27,6 +27,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor, *, allow_nonfinite: bool):
         self._inputs, self._name, self._base = inputs, name, base_tensor
         self._allow_nonfinite = allow_nonfinite
+        self._checked: set[int] = set()  # inputs found finite (TIES reads each model twice)
 
     def __len__(self) -> int:
         return len(self._inputs)
@@ -85,16 +87,22 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
         item = self._inputs[index]
         input_name = item.alignment.mapping[self._name]
         tensor = item.weights.tensors[input_name]
-        if not self._allow_nonfinite:
+        if not self._allow_nonfinite and index not in self._checked:
             check_finite(tensor, where=f"{item.label}: tensor {input_name!r}", advice=_NONFINITE_INPUT_ADVICE)
+            self._checked.add(index)
         if item.task_vector is not None:
             return self._base.to(torch.float64, copy=True).add_(tensor.double())
         return tensor
 
 
+# Tensors merged at once, each by its own Python thread (torch releases the GIL), so a 2-core machine uses both cores
+# without the per-op synchronisation of intra-op threads.
+COMPUTE_WORKERS = 2
+
+
 @contextlib.contextmanager
 def one_compute_thread() -> Iterator[None]:
-    """Run torch's element-wise work on one thread, restoring the thread count after.
+    """Run each torch op on one thread (the calling one), restoring the thread count after.
 
     Merging is memory-bound: measured on a shared 2-core machine (load average 3-4), two intra-op threads made sums,
     ``aminmax`` and subtractions of ViT-sized tensors 4-10x slower than one (each op waits for its slowest thread),
@@ -190,17 +198,16 @@ class MergePlan:
 
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
-        with one_compute_thread():
-            base_tensor = self._base_tensor(name)
-            finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=self.config.allow_nonfinite)
-            parameters = self.config.parameters_for(name, overrides)
-            arguments = dict(parameters)
-            if self.method.seeded:
-                arguments["seed"] = tensor_seed(parameters["seed"], name)
-            if self.method.float32 and self._float32_enough(name):
-                arguments["dtype"] = torch.float32
-            merged = self.method.function(base_tensor, finetuned, self.weights, **arguments)
-            return self._to_output(name, merged, parameters)
+        base_tensor = self._base_tensor(name)
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, allow_nonfinite=self.config.allow_nonfinite)
+        parameters = self.config.parameters_for(name, overrides)
+        arguments = dict(parameters)
+        if self.method.seeded:
+            arguments["seed"] = tensor_seed(parameters["seed"], name)
+        if self.method.float32 and self._float32_enough(name):
+            arguments["dtype"] = torch.float32
+        merged = self.method.function(base_tensor, finetuned, self.weights, **arguments)
+        return self._to_output(name, merged, parameters)
 
     def _float32_enough(self, name: str) -> bool:
         """Whether tensor ``name`` may be merged in float32: the base, every input and the output are float32 or
@@ -240,20 +247,40 @@ class MergePlan:
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every base tensor, in the base's order: merged where the inputs cover it, the
-        base's own (in the output dtype) elsewhere; a tensor the base stores under two tied names is merged once."""
+        base's own (in the output dtype) elsewhere; a tensor the base stores under two tied names is merged once.
+
+        ``COMPUTE_WORKERS`` tensors are computed at once, each on one torch thread (see :func:`one_compute_thread`);
+        at most ``COMPUTE_WORKERS + 1`` results wait to be consumed. Errors surface in the base's order."""
         tied_sources = set(self.base_ties.values())
-        tied_results: dict[str, torch.Tensor] = {}
+        tied_results: dict[tuple[str, str], torch.Tensor] = {}
+        # (output name, what computes it): ("merge", source) or ("base", name); a tied alias shares its source's job.
+        jobs = []
         for name in self.base.tensors:
             source = self.base_ties.get(name, name)
-            if source in tied_results:
-                yield name, tied_results[source].clone()
-            elif source in self.merged_names:
-                tensor = self.merge_tensor(source, overrides)
-                if source in tied_sources:
-                    tied_results[source] = tensor
+            jobs.append((name, ("merge", source) if source in self.merged_names else ("base", name)))
+
+        def run(job: tuple[str, str]) -> torch.Tensor:
+            kind, name = job
+            if kind == "merge":
+                return self.merge_tensor(name, overrides)
+            return self._to_output(name, self._base_tensor(name))
+
+        with one_compute_thread(), ThreadPoolExecutor(max_workers=COMPUTE_WORKERS) as pool:
+            pending: dict[tuple[str, str], Future] = {}
+            submitted = 0
+            for index, (name, job) in enumerate(jobs):
+                while submitted < len(jobs) and submitted <= index + COMPUTE_WORKERS:
+                    ahead = jobs[submitted][1]
+                    if ahead not in pending and ahead not in tied_results:
+                        pending[ahead] = pool.submit(run, ahead)
+                    submitted += 1
+                if job not in pending:  # a tied alias of a tensor already yielded
+                    yield name, tied_results[job].clone()
+                    continue
+                tensor = pending.pop(job).result()
+                if job[0] == "merge" and job[1] in tied_sources:
+                    tied_results[job] = tensor
                 yield name, tensor
-            else:
-                yield name, self._to_output(name, self._base_tensor(name))
 
     def _shown(self, ref: str) -> str:
         """A local reference as the recipe and card of this merge show it: as written, unless the merge is pushed,

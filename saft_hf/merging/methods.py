@@ -198,8 +198,8 @@ def _band_counts(density: float, gamma: float, count: int) -> tuple[int, int]:
 
 
 def _magnitude_sparsifier(counts: Callable[[int], tuple[int, int]]) -> Sparsify:
-    """Zero each task vector outside its magnitude band (``counts(numel) -> (keep, drop)``); the band's thresholds
-    are computed once per model."""
+    """Zero each task vector outside its magnitude band (``counts(numel) -> (keep, drop)``), in place (the task
+    vectors are fresh tensors); the band's thresholds are computed once per model."""
     bands: dict[int, tuple[float, float]] = {}
 
     def sparsify(index: int, delta: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ def _magnitude_sparsifier(counts: Callable[[int], tuple[int, int]]) -> Sparsify:
         keep = magnitude >= low
         if high != math.inf:
             keep &= magnitude < high
-        return torch.where(keep, delta, 0.0)
+        return delta.masked_fill_(keep.logical_not_(), 0.0)  # NaN entries are not kept, as with torch.where
 
     return sparsify
 
