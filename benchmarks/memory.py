@@ -1,4 +1,4 @@
-"""Memory measurement shared by the benchmarks: `/proc/self/status` fields and a sampled peak of `RssAnon`.
+"""Memory measurement shared by the benchmarks: `/proc/<pid>/status` fields and a sampled peak of `RssAnon`.
 
 Peak RSS (`VmHWM`) counts memory-mapped checkpoint pages, which are reclaimable file cache; `RssAnon` is what a
 process allocates, so the benchmarks' memory targets refer to its sampled peak (SPEC 4).
@@ -10,8 +10,8 @@ import threading
 import time
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
+def status_kb(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -19,15 +19,19 @@ def status_kb(field: str) -> int:
 
 
 class AnonSampler:
-    """Peak of ``RssAnon`` sampled in a background thread (torch kernels release the GIL, so it keeps sampling)."""
+    """Peak of ``RssAnon`` of this process (or of process ``pid``) sampled in a background thread (torch kernels
+    release the GIL, so it keeps sampling)."""
 
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.002, pid: int | str = "self"):
+        self.interval, self.peak_kb, self.pid, self._stop = interval, 0, pid, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, status_kb("RssAnon"))
+            try:
+                self.peak_kb = max(self.peak_kb, status_kb("RssAnon", self.pid))
+            except (FileNotFoundError, KeyError):  # the sampled process has exited (a zombie has no RssAnon)
+                return
             time.sleep(self.interval)
 
     def __enter__(self) -> AnonSampler:
@@ -37,4 +41,5 @@ class AnonSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_kb = max(self.peak_kb, status_kb("RssAnon"))
+        if self.pid == "self":
+            self.peak_kb = max(self.peak_kb, status_kb("RssAnon"))

@@ -1,26 +1,36 @@
-"""Memory and time of merging T = 2, 4, 8 ViT-B/32-sized vision towers: streaming engine vs naive in-memory merge.
+"""Memory and time of merging T = 2, 4, 8 ViT-B/32-sized vision towers: saft_hf vs mergekit vs a naive merge.
 
     python benchmarks/merge_scaling.py [--workdir DIR] [--counts 2 4 8] [--methods ties task_arithmetic]
+                                       [--mergekit-python PATH]
 
 Writes a random `CLIPVisionModel` with `CLIPVisionConfig()` defaults (ViT-B/32: 88M parameters, 350 MB in float32)
-and 8 perturbed copies to disk, then runs every (method, T, approach) in a fresh subprocess so that peaks do not
-leak between measurements:
+and 8 perturbed copies (fine-tunes: base + 1e-3 N(0, 1), float32) to disk, then runs every (method, T, approach) in
+a fresh process so that peaks do not leak between measurements:
 
-- streaming: `saft_hf.merging.merge` (memory-mapped inputs, one tensor name at a time, sharded atomic output);
+- streaming: `saft_hf.merging.merge` in a worker, timed after its imports and a tiny warm-up merge;
 - naive: every state dict fully loaded into allocated memory first (as `torch.load` or `model.state_dict()` of
-  loaded models would), the same method function applied name by name, the whole output saved at the end.
+  loaded models would), the method function applied name by name in float64, the whole output saved at the end:
+  the float64 reference the other outputs are compared with;
+- saft-hf: the command `saft-hf merge recipe.yaml`, start to end (imports included), on a mergekit recipe;
+- mergekit: `mergekit-yaml recipe.yaml OUT --no-copy-tokenizer` on the same recipe, start to end, with the
+  interpreter `--mergekit-python` (default: this one when it can import mergekit; otherwise the column is skipped
+  with a note). mergekit runs with its defaults (torch's intra-op threads included).
 
 Per run it reports wall time, peak RSS (kernel `VmHWM`, which counts memory-mapped checkpoint pages: reclaimable
 file cache) and peak anonymous memory (`RssAnon` sampled every 2 ms in a thread: what the merge allocates), both
 absolute and above the baseline of a worker that already ran a tiny warm-up merge (so imports and lazily loaded
 modules are not counted). Workers run with `MALLOC_MMAP_THRESHOLD_=1048576`: glibc then returns freed tensors to
 the OS instead of keeping them in its heap, so `RssAnon` follows live allocations rather than allocator history.
-Memory targets refer to anonymous memory.
+Memory targets refer to anonymous memory. The command runs (saft-hf, mergekit) report the child's peak `RssAnon`,
+sampled the same way from outside, absolute (imports included), and its peak RSS from `wait4`. Each output's
+largest difference from the float64 reference is printed (target for saft-hf: <= 1e-6), and so is the load average:
+the wall times depend on what else the machine runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -70,6 +80,20 @@ def write_inputs(workdir: Path, count: int) -> dict:
 
 
 METHOD_PARAMETERS = {"ties": {"alpha": 1.0, "density": 0.2}, "task_arithmetic": {"alpha": 0.3}}
+# The same merges as mergekit recipes (which saft-hf reads as they are): every model weight 1.
+MERGEKIT_PARAMETERS = {"ties": {"lambda": 1.0, "density": 0.2, "normalize": True}, "task_arithmetic": {"lambda": 0.3}}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(workdir: Path, method: str, count: int) -> Path:
+    import yaml
+
+    recipe = {"merge_method": method, "base_model": str(workdir / "base"), "dtype": "float32",
+              "models": [{"model": str(workdir / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(count)],
+              "parameters": MERGEKIT_PARAMETERS[method]}  # fmt: skip
+    path = workdir / f"recipe-{method}-{count}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 # ---- one measurement (runs in its own process) -----------------------------------------------------------------
@@ -97,7 +121,8 @@ def measure(workdir: Path, approach: str, method: str, count: int) -> dict:
         else:
             naive_merge(config, get_method(method))
     seconds = time.perf_counter() - start
-    for folder in (output_dir, Path(warm_up["output_dir"]), Path(warm_up["output_dir"] + "-naive")):
+    kept = [output_dir] if approach == "naive" else []  # the float64 reference for the command runs
+    for folder in {output_dir, Path(warm_up["output_dir"]), Path(warm_up["output_dir"] + "-naive")} - set(kept):
         shutil.rmtree(folder, ignore_errors=True)
     return {"approach": approach, "method": method, "T": count, "seconds": seconds,
             "peak_rss_mb": status_kb("VmHWM") / 1024, "peak_anon_mb": sampler.peak_kb / 1024,
@@ -123,6 +148,59 @@ def naive_merge(config: dict, method) -> None:
 # ---- driver ----------------------------------------------------------------------------------------------------
 
 
+def run_command(command: list[str], approach: str, method: str, count: int, environment: dict) -> dict:
+    """Run ``command`` to its end: wall time, peak anonymous memory (sampled) and peak RSS (``wait4``)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
+    with AnonSampler(pid=process.pid) as sampler:
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return {"approach": approach, "method": method, "T": count, "seconds": seconds,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": sampler.peak_kb / 1024}  # fmt: skip
+
+
+def max_difference(folder: Path, reference: Path) -> float:
+    """Largest absolute difference between the tensors of two merged folders (same names)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(path: Path) -> dict:
+        return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+    ours, theirs = tensors(folder), tensors(reference)
+    if sorted(ours) != sorted(theirs):
+        raise RuntimeError(f"{folder} and {reference} hold different tensor names")
+    return max(float((ours[name].double() - theirs[name].double()).abs().max()) for name in theirs)
+
+
+def run_commands(workdir: Path, method: str, count: int, mergekit_python: str | None) -> list[dict]:
+    """saft-hf and (when available) mergekit on the same mergekit recipe, each output compared with the naive
+    float64 one, which is then removed."""
+    recipe = write_recipe(workdir, method, count)
+    reference = workdir / f"out-naive-{method}-{count}"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    commands = {"saft-hf": [sys.executable, "-m", "saft_hf.cli", "merge", str(recipe), "--no_progress", "--output_dir"]}
+    if mergekit_python:
+        commands["mergekit"] = [mergekit_python, "-m", "mergekit.scripts.run_yaml", str(recipe), "--no-copy-tokenizer",
+                                "--quiet"]  # fmt: skip
+    rows = []
+    for approach, command in commands.items():
+        output_dir = workdir / f"out-{approach}-{method}-{count}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        rows.append(run_command([*command, str(output_dir)], approach, method, count, environment))
+        rows[-1]["max_abs_difference"] = max_difference(output_dir, reference)
+        shutil.rmtree(output_dir, ignore_errors=True)
+    shutil.rmtree(reference, ignore_errors=True)
+    return rows
+
+
+def default_mergekit_python() -> str | None:
+    return sys.executable if importlib.util.find_spec("mergekit") is not None else None
+
+
 def run_worker(workdir: Path, approach: str, method: str, count: int) -> dict:
     command = [sys.executable, __file__, "--worker", approach, method, str(count), "--workdir", str(workdir)]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -135,32 +213,49 @@ def run_worker(workdir: Path, approach: str, method: str, count: int) -> dict:
 def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str]) -> None:
     checkpoint_mb, largest_mb = sizes["checkpoint_bytes"] / MB, sizes["largest_tensor_bytes"] / MB
     print(f"\nViT-B/32 vision tower: {sizes['tensors']} tensors, checkpoint {checkpoint_mb:.0f} MB, "
-          f"largest tensor {largest_mb:.1f} MB\n")  # fmt: skip
+          f"largest tensor {largest_mb:.1f} MB; load average at the end "
+          f"{', '.join(f'{load:.2f}' for load in os.getloadavg())}\n")  # fmt: skip
     header = (f"{'method':<16}{'T':>3}  {'approach':<10}{'wall s':>8}{'peak RSS MB':>13}{'peak anon MB':>14}"
-              f"{'anon>base MB':>14}")  # fmt: skip
+              f"{'anon>base MB':>14}{'max |diff| vs f64':>19}")  # fmt: skip
     print(header + "\n" + "-" * len(header))
     by_key = {(row["method"], row["T"], row["approach"]): row for row in rows}
+    approaches = [a for a in ("streaming", "naive", "saft-hf", "mergekit") if any(r["approach"] == a for r in rows)]
     for method in methods:
         for count in counts:
-            for approach in ("streaming", "naive"):
+            for approach in approaches:
                 row = by_key[(method, count, approach)]
+                above = f"{row['anon_above_baseline_mb']:>14.0f}" if "anon_above_baseline_mb" in row else f"{'':>14}"
+                difference = f"{row['max_abs_difference']:>19.1e}" if "max_abs_difference" in row else f"{'':>19}"
                 print(f"{method:<16}{count:>3}  {approach:<10}{row['seconds']:>8.1f}{row['peak_rss_mb']:>13.0f}"
-                      f"{row['peak_anon_mb']:>14.0f}{row['anon_above_baseline_mb']:>14.0f}")  # fmt: skip
+                      f"{row['peak_anon_mb']:>14.0f}{above}{difference}")  # fmt: skip
     print("\nratios naive / streaming (anon above baseline, peak RSS, wall time):")
     for method in methods:
         for count in counts:
             stream, naive = by_key[(method, count, "streaming")], by_key[(method, count, "naive")]
             print(f"  {method:<16} T={count}: anon x{naive['anon_above_baseline_mb'] / stream['anon_above_baseline_mb']:.1f}"
                   f", RSS x{naive['peak_rss_mb'] / stream['peak_rss_mb']:.2f}, time x{naive['seconds'] / stream['seconds']:.2f}")  # fmt: skip
-    print("\ntargets (streaming, allocated memory above the interpreter's baseline):")
+    if "mergekit" in approaches:
+        print("\nwall time / mergekit's (target for saft-hf, start to end: <= 0.25):")
+        for method in methods:
+            for count in counts:
+                mergekit = by_key[(method, count, "mergekit")]["seconds"]
+                command = by_key[(method, count, "saft-hf")]["seconds"]
+                stream = by_key[(method, count, "streaming")]["seconds"]
+                verdict = "OK" if command <= 0.25 * mergekit else "MISSED"
+                print(f"  {method:<16} T={count}: saft-hf x{command / mergekit:.2f} ({verdict}), streaming merge alone "
+                      f"x{stream / mergekit:.2f}")  # fmt: skip
+    print("\ntargets (streaming, allocated memory above the interpreter's baseline; saft-hf output vs float64):")
     for method in methods:
         first, last = by_key[(method, counts[0], "streaming")], by_key[(method, counts[-1], "streaming")]
         ratio = last["anon_above_baseline_mb"] / checkpoint_mb
-        line = f"  {method:<16} T={counts[-1]} peak {ratio:.2f}x checkpoint (target < 2x): {'OK' if ratio < 2 else 'MISSED'}"
+        line = (f"  {method:<16} T={counts[-1]} peak {ratio:.2f}x checkpoint (target <= 2x): "
+                f"{'OK' if ratio <= 2 else 'MISSED'}")  # fmt: skip
         if counts[-1] > counts[0]:
             growth = (last["anon_above_baseline_mb"] - first["anon_above_baseline_mb"]) / (counts[-1] - counts[0])
             line += (f"; growth per added input {growth:+.1f} MB (target <= largest tensor, {largest_mb:.1f} MB): "
                      f"{'OK' if growth <= largest_mb else 'MISSED'}")  # fmt: skip
+        worst = max(by_key[(method, count, "saft-hf")]["max_abs_difference"] for count in counts)
+        line += f"; output max |diff| {worst:.1e} (target <= 1e-6): {'OK' if worst <= 1e-6 else 'MISSED'}"
         print(line)
 
 
@@ -169,6 +264,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="Where to write checkpoints (default: a temp dir).")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"], choices=sorted(METHOD_PARAMETERS))
+    parser.add_argument("--mergekit-python", default=default_mergekit_python(),
+                        help="Python interpreter that can import mergekit (default: this one, if it can).")
     parser.add_argument("--keep", action="store_true", help="Keep the generated checkpoints.")
     parser.add_argument("--worker", nargs=3, metavar=("APPROACH", "METHOD", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,6 +273,8 @@ def main() -> None:
         approach, method, count = args.worker
         print(json.dumps(measure(args.workdir, approach, method, int(count))))
         return
+    if not args.mergekit_python:
+        print("mergekit is not importable here and --mergekit-python was not given: no mergekit column.")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="saft_hf-merge-scaling-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -184,11 +283,12 @@ def main() -> None:
         rows = []
         for method in args.methods:
             for count in args.counts:
-                for approach in ("streaming", "naive"):
-                    rows.append(run_worker(workdir, approach, method, count))
-                    row = rows[-1]
-                    print(f"  {method} T={count} {approach}: {row['seconds']:.1f} s, "
-                          f"anon +{row['anon_above_baseline_mb']:.0f} MB", flush=True)  # fmt: skip
+                runs = [run_worker(workdir, approach, method, count) for approach in ("streaming", "naive")]
+                runs += run_commands(workdir, method, count, args.mergekit_python)
+                for row in runs:
+                    print(f"  {method} T={count} {row['approach']}: {row['seconds']:.1f} s, "
+                          f"peak anon {row['peak_anon_mb']:.0f} MB", flush=True)  # fmt: skip
+                rows += runs
         report(sizes, rows, args.counts, args.methods)
     finally:
         if not args.keep and args.workdir is None:

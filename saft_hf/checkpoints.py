@@ -789,13 +789,16 @@ def check_shapes(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Ten
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> tuple[int, int]:
-    """``(NaN count, infinity count)`` of ``tensor``: one ``isfinite`` pass when all values are finite (the usual
+    """``(NaN count, infinity count)`` of ``tensor``: one ``aminmax`` pass when all values are finite (the usual
     case); integer and boolean tensors are always ``(0, 0)``."""
-    if not tensor.dtype.is_floating_point:
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
         return 0, 0
     if tensor.dtype.itemsize == 1:  # torch implements isfinite/isnan/isinf for no float8 type
         tensor = tensor.float()
-    if bool(torch.isfinite(tensor).all()):
+    # The minimum and maximum are finite exactly when every value is (a NaN propagates to both, -inf is the minimum,
+    # inf the maximum); one reduction without a boolean temporary, several times faster than isfinite().all().
+    low, high = torch.aminmax(tensor)
+    if math.isfinite(low) and math.isfinite(high):
         return 0, 0
     return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
 

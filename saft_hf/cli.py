@@ -1,8 +1,9 @@
-"""The ``saft-hf`` command: merge models from a YAML recipe, or compute a task vector.
+"""The ``saft-hf`` command: merge models from a YAML recipe, compute a task vector, or score a model on tasks.
 
     saft-hf merge CONFIG.yaml [--output_dir DIR] [--push_to_hub ORG/NAME [--private]]
     saft-hf task-vector --base REF --finetuned REF -o OUT [--task NAME ...]
     saft-hf task-vector --base REF --lora ADAPTER -o OUT
+    saft-hf evaluate MODEL --task NAME [--task NAME ...] [--split test] [--max_samples N] [--output FILE.json]
 
 References are local folders or Hub ids with an optional ``@revision``. Hub access uses the usual token sources
 (``HF_TOKEN``, ``hf auth login``); no token is accepted on the command line, so none ends up in shell history.
@@ -14,15 +15,24 @@ An error the user can act on prints one line, ``saft-hf: error: ...``, and exits
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, run_main
+from .errors import UnsafeOutputError
 
 PROG = "saft-hf"
+EVALUATION_FORMAT = "saft_hf.evaluation"  # marks a `saft-hf evaluate --output` file, which a later run may replace
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Let NaN/Inf values in the models (or the difference) through instead of refusing.")  # fmt: skip
     vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")
     vector.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+
+    evaluate = commands.add_parser("evaluate", help="Score a model on tasks; print the accuracy table row.")
+    evaluate.add_argument("model", help="Model folder or Hub id (a merge output, a fine-tune, a base model).")
+    evaluate.add_argument("--task", action="append", required=True, help="Task name (repeat for several tasks).")
+    evaluate.add_argument("--split", default="test", help="train, validation or test (default: test).")
+    evaluate.add_argument("--max_samples", type=positive_int, help="Score only the first N examples of each split.")
+    evaluate.add_argument("--dataset_path", action="append", default=[], metavar="TASK=PATH",
+                          help="Read TASK's data from this local folder or Hub dataset (repeatable).")  # fmt: skip
+    evaluate.add_argument("--base", help="Pre-trained model for folders without a zero-shot head or processor.")
+    evaluate.add_argument("--batch_size", type=positive_int, default=32, help="Examples per forward pass.")
+    evaluate.add_argument("--output", type=Path, metavar="FILE.json", help="Also write the scores as JSON.")
+    evaluate.add_argument("--no_progress", action="store_true", help="No progress bars.")
     return parser
 
 
@@ -73,6 +95,9 @@ def run_merge(config: str | Path, *, output_dir: str | None = None, push_to_hub:
 
 
 def run_task_vector(args: argparse.Namespace) -> Path:
+    # Deferred to the command that needs them (like every command's imports here): `saft-hf --help` starts fast.
+    import torch
+
     from .task_vectors import TaskVector
 
     recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
@@ -84,21 +109,88 @@ def run_task_vector(args: argparse.Namespace) -> Path:
         vector = TaskVector.from_models(args.base, args.finetuned, finetune_mode=args.finetune_mode, dtype=dtype,
                                         allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
                                         **recorded)  # fmt: skip
-    folder = vector.save(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
+    folder = vector.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
     if args.push_to_hub:
         vector.push_to_hub(args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)
     return folder
 
 
+def dataset_paths(pairs: Sequence[str], tasks: Sequence[str]) -> dict[str, str]:
+    """``{task: path}`` from ``--dataset_path TASK=PATH`` options; each TASK must be one of ``tasks``, once."""
+    paths = {}
+    for pair in pairs:
+        task, equals, path = pair.partition("=")
+        if not equals or not task or not path:
+            raise ValueError(f"--dataset_path {pair!r}: expected TASK=PATH (e.g. digits=/data/digits)")
+        if task not in tasks:
+            raise ValueError(f"--dataset_path {pair!r}: task {task!r} is not one of the --task options {list(tasks)}")
+        if task in paths:
+            raise ValueError(f"--dataset_path: task {task!r} is given twice; give one path per task")
+        paths[task] = path
+    return paths
+
+
+def check_evaluation_output(path: Path) -> None:
+    """Refuse an ``--output`` that would replace a folder or a file ``saft-hf evaluate`` did not write."""
+    if path.is_dir():
+        raise ValueError(f"--output {path}: is a folder; name a .json file")
+    if not path.exists():
+        return
+    try:
+        written_here = json.loads(path.read_text()).get("format") == EVALUATION_FORMAT
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        written_here = False
+    if not written_here:
+        raise UnsafeOutputError(f"--output {path}: exists and was not written by saft-hf evaluate; choose another "
+                                "file or remove it")  # fmt: skip
+
+
+def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Score ``args.model`` on each ``--task``; return the Markdown table (one row: the model, each task's
+    accuracy in percent, their average, as in the paper's tables) and the scores as written to ``--output``."""
+    # Deferred to the command that needs them: `saft-hf --help` starts fast.
+    from .checkpoints import write_atomically
+    from .data import SPLITS, get_task
+    from .evaluation import evaluate_model
+    from .experiments.tables import to_markdown
+
+    # Everything is checked before the first model or dataset is loaded.
+    if len(set(args.task)) != len(args.task):
+        raise ValueError(f"--task: each task once, got {args.task}")
+    tasks = [get_task(name) for name in args.task]
+    if args.split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    paths = dataset_paths(args.dataset_path, args.task)
+    if args.output is not None:
+        check_evaluation_output(args.output)
+
+    options = dict(batch_size=args.batch_size, max_samples=args.max_samples, base=args.base,
+                   progress=not args.no_progress)  # fmt: skip
+    results = {
+        task.name: evaluate_model(args.model, task, args.split, dataset_path=paths.get(task.name), **options)
+        for task in tasks
+    }
+    accuracies = {name: 100 * result["accuracy"] for name, result in results.items()}
+    row = {"model": args.model, **accuracies, "avg": sum(accuracies.values()) / len(accuracies)}
+    table = to_markdown([row], title=f"Accuracy (%) on the {args.split} split")
+    scores = {"format": EVALUATION_FORMAT, "model": args.model, "split": args.split, "max_samples": args.max_samples,
+              "average_accuracy": row["avg"] / 100, "tasks": results}  # fmt: skip
+    if args.output is not None:
+        write_atomically(args.output, lambda f: f.write(json.dumps(scores, indent=2) + "\n"))
+    return table, scores
+
+
 def run_command(argv: Sequence[str]) -> None:
-    """Parse ``argv`` and run the command it names; print the folder written."""
+    """Parse ``argv`` and run the command it names; print the folder written (merge, task-vector) or the table of
+    scores (evaluate)."""
     args = build_parser().parse_args(argv)
     if args.command == "merge":
-        folder = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub,
-                           private=args.private, progress=not args.no_progress)  # fmt: skip
+        print(run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub, private=args.private,
+                        progress=not args.no_progress))  # fmt: skip
+    elif args.command == "task-vector":
+        print(run_task_vector(args))
     else:
-        folder = run_task_vector(args)
-    print(folder)
+        print(run_evaluate(args)[0], end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

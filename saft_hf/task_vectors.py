@@ -1,16 +1,16 @@
 """Task vectors: ``tau = theta_finetuned - theta_base`` over floating-point tensors, saved as safetensors.
 
 A :class:`TaskVector` is a lazy mapping from the base model's tensor names to deltas. Built from two models, it
-reads one tensor of each at a time; loaded from disk, it memory-maps the file; arithmetic (``+``, ``-``, scalar
-``*``, negation) composes lazily, so ``(tv_a + tv_b).save(...)`` streams. Integer and boolean buffers are not part
-of a task vector.
+reads one tensor of each at a time; loaded (``from_pretrained``, a folder or a Hub repo), it memory-maps the file;
+arithmetic (``+``, ``-``, scalar ``*``, negation) composes lazily, so ``(tv_a + tv_b).save_pretrained(...)``
+streams. Integer and boolean buffers are not part of a task vector.
 
 Dtypes (the merge engine's rule too): the base and the fine-tune may hold any floating-point dtypes, mixed (a
 bfloat16 fine-tune of a float32 base is fine); differences and ``base + alpha * tau`` are computed in float64 and
 stored in the base's dtype unless ``dtype=`` asks for another.
 
 Non-finite numbers are refused: a NaN or infinity in the fine-tune or the base (:meth:`TaskVector.from_models`, when
-the tensor is computed, i.e. on access or :meth:`~TaskVector.save`), in the vector itself or in a result
+the tensor is computed, i.e. on access or :meth:`~TaskVector.save_pretrained`), in the vector itself or in a result
 (:meth:`~TaskVector.apply_to`, e.g. a huge ``alpha``) raises :class:`~saft_hf.errors.NonFiniteError` naming the
 tensor and the counts, unless ``allow_nonfinite=True``.
 
@@ -54,7 +54,7 @@ from .checkpoints import (
     tensor_dtype,
     tensor_shape,
 )
-from .layout import TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME
+from .layout import TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME, is_task_vector_listing
 
 TASK_VECTOR_FORMAT = "saft_hf.task_vector"
 METADATA_FIELDS = ("format", "base_model", "base_revision", "task", "finetune_mode", "sam_mode", "sam_rho",
@@ -82,7 +82,7 @@ class TaskVector(LazyStateDict):
     ``metadata`` holds the string fields written into the safetensors header (see ``METADATA_FIELDS``);
     ``tied_weights`` maps base names that hold a tied copy of a tensor to the name the vector stores it under;
     ``source_folders`` are ``(label, folder)`` of the local folders its tensors are read from, which :meth:`save`
-    never writes into; ``path`` is the file :meth:`load` read the metadata from (named in errors).
+    never writes into; ``path`` is the file :meth:`from_pretrained` read the metadata from (named in errors).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -191,17 +191,42 @@ class TaskVector(LazyStateDict):
         return cls(tensors, metadata, source_folders=[*_folders(("base", base_weights)), (f"adapter {source}", folder)])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> TaskVector:
-        """Open a saved task vector folder lazily (tensors are memory-mapped and read on access)."""
+    def from_pretrained(cls, ref: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None) -> TaskVector:  # fmt: skip
+        """Open a saved task vector lazily (tensors are memory-mapped and read on access) from a local folder or a
+        Hub repo (``org/name``, ``org/name@revision``, or ``revision=``), as :meth:`push_to_hub` wrote it.
+
+        A Hub reference is pinned to the commit its revision resolves to, and its file listing is checked before
+        anything is downloaded: a repo without ``task_vector.safetensors`` (or its index), or with a model
+        ``config.json``, raises ``FileNotFoundError``. Only the weights and their index are downloaded.
+        """
+        ref = os.fspath(ref)
+        listing = hub.list_hub_files(ref, revision, token=token)
+        if listing is None:
+            if revision is not None:
+                raise ValueError(f"task vector {ref}: revision={revision!r} is for Hub repos, and this is a local "
+                                 "folder; drop revision= (or name a Hub repo)")  # fmt: skip
+            return cls._open_folder(hub.resolve_model(ref))
+        if not is_task_vector_listing(listing.files):
+            raise FileNotFoundError(
+                f"Hub repo '{listing.repo_id}@{listing.commit}' holds no saft_hf task vector (it needs "
+                f"{TASK_VECTOR_WEIGHT_FILES[1]} or {TASK_VECTOR_WEIGHT_FILES[0]} and no config.json); files: {sorted(listing.files)}"
+            )
+        return cls._open_folder(hub.resolve_model(listing.repo_id, listing.commit, token=token))
+
+    load = from_pretrained
+
+    @classmethod
+    def _open_folder(cls, path: Path) -> TaskVector:
         reader = CheckpointReader(path)
         if reader.metadata.get("format") != TASK_VECTOR_FORMAT:
             raise ValueError(f"{path}: not a saft_hf task vector (safetensors metadata format is "
                              f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
         # The index's metadata (of a sharded vector) is read over the shards'.
-        header = next((Path(path) / name for name in TASK_VECTOR_WEIGHT_FILES if (Path(path) / name).is_file()), Path(path))
+        header = next((path / name for name in TASK_VECTOR_WEIGHT_FILES if (path / name).is_file()), path)
         tied = _parse_tied_weights(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}", reader, where=str(header))
         metadata = {k: v for k, v in reader.metadata.items() if k != TIED_WEIGHTS_FIELD}
-        return cls(reader, metadata, tied, [(f"task vector {path}", Path(path))], path=header)
+        return cls(reader, metadata, tied, [(f"task vector {path}", path)], path=header)
 
     # ---- saving --------------------------------------------------------------------------------------------
     def header_metadata(self) -> dict[str, str]:
@@ -210,7 +235,8 @@ class TaskVector(LazyStateDict):
             metadata[TIED_WEIGHTS_FIELD] = json.dumps(self.tied_weights, sort_keys=True)
         return metadata
 
-    def save(self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB", progress: bool = False) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
+                        progress: bool = False) -> Path:  # fmt: skip
         """Write ``task_vector.safetensors`` (or shards plus ``task_vector.safetensors.index.json``) into ``path``,
         one tensor at a time. Atomic: the folder appears complete or not at all.
 
@@ -229,6 +255,8 @@ class TaskVector(LazyStateDict):
                 writer.close()
         return Path(path)
 
+    save = save_pretrained
+
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
                     commit_message: str | None = None, revision: str | None = None,
                     max_shard_size: int | str = "2GB") -> str:  # fmt: skip
@@ -246,16 +274,16 @@ class TaskVector(LazyStateDict):
         shown = {key: hub.public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
         pushed = TaskVector(self, {**self.metadata, **shown}, self.tied_weights)
         with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:
-            folder = pushed.save(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
+            folder = pushed.save_pretrained(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
             task_vector_card({**pushed.metadata, "repo_id": repo_id}).save(folder / "README.md")
             message = commit_message or f"Upload task vector {self.task or ''}".strip()
             local_output = (
                 "the pushed copy was built in a temporary folder, now deleted: the task vector is on disk only where "
-                f"TaskVector.save() wrote it; retry with push_to_hub('{repo_id}')"
+                f"TaskVector.save_pretrained() wrote it; retry with push_to_hub('{repo_id}')"
             )
             with hub.reporting_push_failure(repo_id, local_output):
                 return hub.push_folder(folder, repo_id, private=private, commit_message=message, token=token,
-                                   revision=revision)  # fmt: skip
+                                       revision=revision)  # fmt: skip
 
     # ---- arithmetic ----------------------------------------------------------------------------------------
     def _combine(self, other: TaskVector, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

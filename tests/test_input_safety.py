@@ -255,7 +255,8 @@ def test_failed_task_vector_push_says_nothing_is_kept_locally(hub_server, family
     with pytest.raises(PushError, match=r"^Upload to Hub repo 'org/tv' failed \(POST /api/models/org/tv/commit/main "
                                         r"answered HTTP 500: Injected failure of commit\); the pushed copy was built "
                                         r"in a temporary folder, now deleted: the task vector is on disk only where "
-                                        r"TaskVector\.save\(\) wrote it; retry with push_to_hub\('org/tv'\)$"):  # fmt: skip
+                                        r"TaskVector\.save_pretrained\(\) wrote it; "
+                                        r"retry with push_to_hub\('org/tv'\)$"):  # fmt: skip
         TaskVector.from_models(base_dir, tuned[0]).push_to_hub("org/tv")
     assert hub_server.state.commits_made("org/tv") == []
 

@@ -17,7 +17,7 @@ from transformers import CLIPModel, CLIPVisionModel
 
 from saft_hf.checkpoints import CheckpointReader, ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
-from saft_hf.errors import UnsafeOutputError
+from saft_hf.errors import NonFiniteError, UnsafeOutputError
 from saft_hf.hub import _folder_files
 from saft_hf.merging import MergeConfig, get_method, merge, search_coefficients
 from saft_hf.merging.engine import tensor_seed
@@ -53,6 +53,8 @@ def in_memory_merge(config):
         parameters = config.parameters_for(name)
         if method.seeded:
             parameters["seed"] = tensor_seed(parameters["seed"], name)
+        if method.float32:  # the engine's choice for these float32 checkpoints
+            parameters["dtype"] = torch.float32
         merged[name] = method.function(tensor, [state[name] for state in states], weights, **parameters).to(tensor.dtype)
     return merged
 
@@ -244,8 +246,9 @@ def test_vision_tower_finetunes_merge_into_a_full_clip_base(tmp_path, naming):
     for name in base:
         if name.startswith("vision_model."):
             short = name.removeprefix("vision_model.")
-            taus = [state[short].double() - base[name].double() for state in tuned_states]
-            assert torch.equal(merged[name], (base[name].double() + 0.5 * (taus[0] + taus[1])).float()), name
+            # float32 checkpoints are merged in float32 (test_merge_float32 bounds the difference to float64)
+            taus = [state[short] - base[name] for state in tuned_states]
+            assert torch.equal(merged[name], base[name] + 0.5 * (taus[0] + taus[1])), name
         else:
             assert torch.equal(merged[name], base[name]), name
     assert CLIPVisionModel.from_pretrained(out).state_dict().keys() == tuned_states[0].keys()
@@ -261,6 +264,20 @@ def test_tied_weights_are_merged_once(tmp_path):
     states = [load_file(path / "model.safetensors") for path in tuned]
     assert set(merged) == set(states[0])
     assert torch.equal(merged["shared.weight"], ((states[0]["shared.weight"].double() + states[1]["shared.weight"].double()) / 2).float())
+
+
+def test_parallel_merge_keeps_the_base_order_for_results_and_errors(family, tmp_path):
+    base_dir, tuned = family
+    names = list(CheckpointReader(base_dir))
+    merged = merged_weights(merge(recipe(family, tmp_path / "out", max_shard_size=5000), progress=False))
+    assert list(merged) == names
+    # NaN in a tensor near the start and in the last one: the first in the base's order is reported, even though
+    # the next tensors are merged at the same time.
+    first, last = names[1], names[-1]
+    bad = _broken_copy(tuned[1], tmp_path / "ft_bad", lambda path: _resave(path, lambda state: [
+        state[name].view(-1).__setitem__(0, float("nan")) for name in (first, last)]))  # fmt: skip
+    with pytest.raises(NonFiniteError, match=rf"^models\[1\] \({re.escape(str(bad))}\): tensor '{re.escape(first)}' "):
+        merge({**recipe(family, tmp_path / "out2"), "models": [str(tuned[0]), str(bad)]}, progress=False)
 
 
 # ---- bad inputs: clear errors, no output ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from merge_fixtures import clip_vision_family, finetune_like, save, tiny_clip, t
 from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from saft_hf.hub import push_folder
 from saft_hf.task_vectors import METADATA_FIELDS, TaskVector
 
 
@@ -107,6 +108,52 @@ def test_save_load_round_trip_is_identical(family, tmp_path, max_shard_size, sha
 def test_load_refuses_a_model_folder(family):
     with pytest.raises(ValueError, match="not a saft_hf task vector"):
         TaskVector.load(family[0])
+
+
+def test_save_pretrained_and_from_pretrained_are_save_and_load():
+    assert TaskVector.save is TaskVector.save_pretrained
+    assert TaskVector.load.__func__ is TaskVector.from_pretrained.__func__
+
+
+def test_from_pretrained_refuses_a_revision_for_a_local_folder(family, tmp_path):
+    base_dir, (tuned_dir, _) = family
+    folder = TaskVector.from_models(base_dir, tuned_dir).save_pretrained(tmp_path / "tv")
+    with pytest.raises(ValueError, match=r"revision='main' is for Hub repos, and this is a local folder"):
+        TaskVector.from_pretrained(folder, revision="main")
+
+
+@pytest.mark.parametrize("max_shard_size", ["2GB", 3000])
+def test_push_to_hub_round_trip_by_id_and_commit(hub_server, family, max_shard_size):
+    base_dir, (tuned_dir, _) = family
+    vector = TaskVector.from_models(base_dir, tuned_dir, task="digits", sam_mode="asam", sam_rho=0.5)
+    sha = vector.push_to_hub("org/tv-digits", max_shard_size=max_shard_size)
+    second = (vector * 0.5).push_to_hub("org/tv-digits", max_shard_size=max_shard_size)  # main moves on
+    for ref, revision, scale in [("org/tv-digits", None, 0.5), (f"org/tv-digits@{sha}", None, 1.0),
+                                 ("org/tv-digits", sha, 1.0), ("org/tv-digits", second, 0.5)]:  # fmt: skip
+        loaded = TaskVector.from_pretrained(ref, revision=revision)
+        assert list(loaded) == list(vector)
+        assert all(torch.equal(loaded[name], vector[name] * scale) for name in vector), (ref, revision)
+        assert loaded.metadata["base_fingerprint"] == vector.metadata["base_fingerprint"]
+        assert loaded.metadata["base_model"] == f"{base_dir.name} (local folder)"  # never the absolute path
+        assert loaded.metadata["sam_rho"] == "0.5"
+    card = hub_server.state.repos["org/tv-digits"].resolve(sha).files["README.md"].content.decode()
+    assert 'TaskVector.from_pretrained("org/tv-digits")' in card and "- model: org/tv-digits" in card
+    served = hub_server.state.served_files("org/tv-digits")
+    assert "README.md" not in served and all(name.startswith("task_vector") for name in served)
+    # The pushed copy applies to the base it was computed from, like the local one.
+    assert TaskVector.load(f"org/tv-digits@{sha}").apply_to(base_dir)["post_layernorm.weight"].equal(
+        vector.apply_to(base_dir)["post_layernorm.weight"]
+    )
+
+
+def test_from_pretrained_checks_the_listing_before_downloading(hub_server, family):
+    push_folder(family[0], "org/model")
+    with pytest.raises(FileNotFoundError, match=r"Hub repo 'org/model@[0-9a-f]{40}' holds no saft_hf task vector .*"
+                                                r"files: \[.*'config.json', 'model.safetensors'"):  # fmt: skip
+        TaskVector.from_pretrained("org/model")
+    assert hub_server.state.served_files("org/model") == set()
+    with pytest.raises(FileNotFoundError, match="Revision 'v9' does not exist in Hub repo 'org/model'"):
+        TaskVector.from_pretrained("org/model@v9")
 
 
 # ---- base fingerprint and mismatches ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import queue
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from .config import ExperimentConfig
 from ..evaluation import evaluate_model
 from ..merging import MergeConfig, get_method
 from ..merging.engine import MergePlan
-from ..merging.finetuning import MergedStateDict, input_finetune_mode
+from ..merging.finetuning import MergedStateDict
 from ..merging.search import paper_grid
 from .pipeline import (
     COMPLETED_RESULTS_FILE,
@@ -55,7 +55,6 @@ from .pipeline import (
     ExperimentResult,
     FinetuneFn,
     Scorer,
-    experiment_stages,
     merged_parameters,
     run_experiment,
 )
@@ -166,7 +165,7 @@ def grid_neighbour_scores(config: ExperimentConfig, result: ExperimentResult) ->
         plan = MergePlan(MergeConfig.coerce(recipe))
         per_task = {task: [tested[(family, method, setting, task)]] for task in config.tasks}
         for value in neighbours:
-            merged = MergedStateDict(plan.merged_tensors({**chosen, coefficient: value}), input_finetune_mode(plan))
+            merged = MergedStateDict(plan.merged_tensors({**chosen, coefficient: value}), plan.finetune_mode)
             for task in config.tasks:
                 scored = evaluate_model(config.base_model, task, "test", state_dict=merged, **scorer.options(task))
                 per_task[task].append(scored["accuracy"])

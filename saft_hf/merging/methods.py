@@ -1,10 +1,12 @@
 """Merge methods: a registry of small pure functions over one tensor name at a time.
 
 Every method takes the base tensor ``theta_0``, the fine-tuned tensors ``theta_t`` (same shape), one weight per
-model and its keyword parameters, and returns the merged tensor in float64. Task vectors ``tau_t = theta_t -
-theta_0`` are formed one model at a time inside the function and never stacked, so a method's working memory does
-not grow with the number of models (the inputs themselves are memory-mapped by the engine). Computing in float64
-makes ``theta_0 + 1 * (theta_t - theta_0)`` reproduce ``theta_t`` exactly after the cast back to float32.
+model and its keyword parameters, and returns the merged tensor in float64 (in float32 when a method registered with
+``float32=True`` is passed ``dtype=torch.float32``, as the engine does for float32 inputs and output). Task vectors
+``tau_t = theta_t - theta_0`` are formed one model at a time inside the function and never stacked, so a method's
+working memory does not grow with the number of models (the inputs themselves are memory-mapped by the engine).
+Computing in float64 makes ``theta_0 + 1 * (theta_t - theta_0)`` reproduce ``theta_t`` exactly after the cast back
+to float32.
 
 Libraries disagree on conventions (SPEC section 4); each docstring states the one implemented, the others are
 options where they are cheap. Trimming is always per tensor (as mergekit and PEFT do; the TIES paper's code trims
@@ -79,6 +81,9 @@ class MergeMethod:
     max_models: int | None = None
     uses_weights: bool = True
     seeded: bool = False  # takes ``seed``; the engine derives one per tensor name
+    # takes ``dtype=torch.float32``, which the engine passes when every input and the output are float32 or narrower:
+    # the result then stays within one float32 rounding of the float64 result (see ``task_arithmetic``)
+    float32: bool = False
     coefficient: str | None = "alpha"  # the scale (or interpolation) parameter a coefficient search varies
     check: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)  # cross-parameter rules
 
@@ -146,16 +151,17 @@ def get_method(name: str) -> MergeMethod:
 # ---- shared building blocks -------------------------------------------------------------------------------------
 
 
-def _as_compute(tensor: torch.Tensor) -> torch.Tensor:
-    """A float64 copy we may modify in place (``.to`` alone would alias an input that is float64 already)."""
-    return tensor.to(COMPUTE_DTYPE, copy=True)
+def _as_compute(tensor: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+    """A ``dtype`` (float64) copy we may modify in place (``.to`` alone would alias an input already of it)."""
+    return tensor.to(dtype, copy=True)
 
 
-def _task_vectors(base64: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """``theta_t - theta_0`` in float64, one model at a time, as fresh tensors. Each input is converted explicitly
-    (exact for every float dtype): torch does not promote float8 types."""
+def _task_vectors(base_compute: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``theta_t - theta_0`` in the dtype of ``base_compute`` (float64, or float32 where a method allows it), one
+    model at a time, as fresh tensors. Each input is converted explicitly (exact for every float dtype into float64):
+    torch does not promote float8 types."""
     for tensor in finetuned:
-        yield _as_compute(tensor).sub_(base64)
+        yield _as_compute(tensor, base_compute.dtype).sub_(base_compute)
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> float:
@@ -192,8 +198,8 @@ def _band_counts(density: float, gamma: float, count: int) -> tuple[int, int]:
 
 
 def _magnitude_sparsifier(counts: Callable[[int], tuple[int, int]]) -> Sparsify:
-    """Zero each task vector outside its magnitude band (``counts(numel) -> (keep, drop)``); the band's thresholds
-    are computed once per model."""
+    """Zero each task vector outside its magnitude band (``counts(numel) -> (keep, drop)``), in place (the task
+    vectors are fresh tensors); the band's thresholds are computed once per model."""
     bands: dict[int, tuple[float, float]] = {}
 
     def sparsify(index: int, delta: torch.Tensor) -> torch.Tensor:
@@ -204,7 +210,7 @@ def _magnitude_sparsifier(counts: Callable[[int], tuple[int, int]]) -> Sparsify:
         keep = magnitude >= low
         if high != math.inf:
             keep &= magnitude < high
-        return torch.where(keep, delta, 0.0)
+        return delta.masked_fill_(keep.logical_not_(), 0.0)  # NaN entries are not kept, as with torch.where
 
     return sparsify
 
@@ -234,13 +240,13 @@ def _rescale(delta: torch.Tensor, kept: torch.Tensor, rescale: str, probability:
 
 
 def _weighted_sum(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
-                  sparsify: Sparsify | None = None) -> torch.Tensor:  # fmt: skip
-    """``theta_0 + alpha * sum_t w_t * sparsify(tau_t)``."""
-    base64 = _as_compute(base)
-    total = torch.zeros_like(base64)
-    for index, (weight, delta) in enumerate(zip(weights, _task_vectors(base64, finetuned))):
+                  sparsify: Sparsify | None = None, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:  # fmt: skip
+    """``theta_0 + alpha * sum_t w_t * sparsify(tau_t)``, computed in ``dtype``."""
+    base_compute = _as_compute(base, dtype)
+    total = torch.zeros_like(base_compute)
+    for index, (weight, delta) in enumerate(zip(weights, _task_vectors(base_compute, finetuned))):
         total.add_(delta if sparsify is None else sparsify(index, delta), alpha=weight)
-    return base64.add_(total, alpha=alpha)
+    return base_compute.add_(total, alpha=alpha)
 
 
 def _sign_consensus(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
@@ -322,11 +328,19 @@ def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weight
 
 
 @register_merge_method("task_arithmetic", reference="Ilharco et al. 2023, Editing models with task arithmetic "
-                       "(arXiv:2212.04089)", parameters=(_alpha(0.3),))  # fmt: skip
+                       "(arXiv:2212.04089)", parameters=(_alpha(0.3),), float32=True)  # fmt: skip
 def task_arithmetic(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                    alpha: float = 0.3) -> torch.Tensor:  # fmt: skip
-    """``theta_0 + alpha * sum_t w_t tau_t`` (weights are not normalised; negative weights subtract a task)."""
-    return _weighted_sum(base, finetuned, weights, alpha)
+                    alpha: float = 0.3, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:  # fmt: skip
+    """``theta_0 + alpha * sum_t w_t tau_t`` (weights are not normalised; negative weights subtract a task).
+
+    With ``dtype=torch.float32`` (the engine's choice for float32 inputs and output) each ``tau_t`` is the correctly
+    rounded difference, and the sum is accumulated and added to the base in float32: at half the memory traffic,
+    the result differs from the float64 one (cast to float32) by at most float32 summation's error bound,
+    ``eps * (|result| + T |alpha| sum_t |w_t tau_t|)`` (measured on 8 ViT-B/32 fine-tunes: at most 1.2e-7, one
+    rounding of a weight near 1, in 13% of the entries)."""
+    if max(abs(alpha), *map(abs, weights)) > torch.finfo(dtype).max:  # torch refuses such a scalar in float32
+        dtype = COMPUTE_DTYPE  # the result then overflows at the cast, where the engine names the likely cause
+    return _weighted_sum(base, finetuned, weights, alpha, dtype=dtype)
 
 
 @register_merge_method(
