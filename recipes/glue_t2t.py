@@ -21,11 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
-import finetune
 from saft_hf.data import get_task
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
 from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+from saft_hf.finetuning import check_finetune_mode
 
 CONFIG = Path(__file__).parent / "configs" / "glue_t2t.yaml"
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None):
     for family in config.families:
         try:
             for task in config.tasks:
-                finetune.check_finetune_mode(get_task(task), family.finetune_mode)
+                check_finetune_mode(get_task(task), family.finetune_mode)
         except ValueError as refusal:
             print(f"[glue_t2t] skipping family {family.name!r}: {refusal}", flush=True)
             continue
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None):
     if not runnable:
         raise ValueError("glue_t2t: no family of the config can be fine-tuned on text-to-text tasks.")
     config.families = runnable
-    result = run_experiment(config, finetune.main)
+    result = run_experiment(config)
     for table in result.tables.values():
         print(table.read_text())
     print(f"[glue_t2t] tables and merged models: {config.output_path}")

@@ -16,7 +16,10 @@ from transformers import CLIPModel
 
 from saft_hf.evaluation import evaluate_model
 from saft_hf.experiments import FINETUNED, PRETRAINED, ExperimentConfig, Family, Score, normalized_accuracy, summary_rows
+from saft_hf.experiments import pipeline
 from saft_hf.experiments.pipeline import finetune_argv, is_finetuned
+from saft_hf.finetuning import parse_finetune_args
+from saft_hf.finetuning import run as run_finetune
 from saft_hf.experiments.tables import to_markdown
 from saft_hf.task_vectors import TaskVector
 from saft_hf.testing import save_tiny_clip, save_tiny_t5
@@ -26,9 +29,7 @@ RECIPES = REPO / "recipes"
 
 
 def import_recipe(name: str):
-    """A recipe module as `python recipes/<name>.py` sees it (its folder on sys.path for `import finetune`)."""
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
+    """A recipe module, loaded from its file (recipes/ is no package)."""
     spec = importlib.util.spec_from_file_location(f"{name}_recipe", RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -115,8 +116,7 @@ def test_shipped_configs_hold_the_paper_settings():
                                                                 ["task_arithmetic"])  # fmt: skip
     argv = finetune_argv(glue, glue.families[1], "rte", Path("out"))
     assert Path(argv[0].removeprefix("--config=")) == RECIPES / "configs" / "flan_t5_base.yaml"
-    finetune = import_recipe("finetune")
-    _, data_args, training_args, _ = finetune.parse_args(argv + ["--bf16", "false"])  # this machine has no GPU
+    _, data_args, training_args, _ = parse_finetune_args(argv + ["--bf16", "false"])  # this machine has no GPU
     assert (data_args.task, training_args.sam_mode, training_args.learning_rate, training_args.max_steps) == (
         "rte", "asam", 1e-5, 8000)
 
@@ -156,23 +156,24 @@ def vision_run(tmp_path_factory):
             "--tasks", "digits_0to4", "digits_5to9", "--eval_max_samples", "48",
             "--finetune_args", TINY_FINETUNE + " --torch_num_threads 1"]  # fmt: skip
     calls = []
-    train = vision8.finetune.main
 
     def counting_finetune(args):
         calls.append(args)
-        train(args)
+        run_finetune(args)
 
     result = _run_with(vision8, argv, counting_finetune)
     return root, base, argv, vision8, result, calls
 
 
 def _run_with(recipe, argv, finetune_fn):
-    original = recipe.finetune.main
-    recipe.finetune.main = finetune_fn
+    """`recipe.main(argv)` with the pipeline fine-tuning through `finetune_fn` (the fixture is module-scoped, so
+    no `monkeypatch`)."""
+    original = pipeline.run_finetune
+    pipeline.run_finetune = finetune_fn
     try:
         return recipe.main(argv)
     finally:
-        recipe.finetune.main = original
+        pipeline.run_finetune = original
 
 
 @pytest.mark.slow
@@ -242,13 +243,14 @@ def test_an_unfinished_finetune_is_not_taken_for_a_finished_one(tmp_path):
     assert is_finetuned(tmp_path)
 
 
-def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path):
+def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path, monkeypatch):
     from saft_hf.experiments.pipeline import finetune_family
 
+    monkeypatch.setattr(pipeline, "run_finetune", lambda argv: pytest.fail("trained"))
     config = ExperimentConfig(base_model="m", tasks=["digits_0to4", "digits_5to9"], output_dir=str(tmp_path),
                               families=[Family("lin", sam_mode="none", finetune_mode="ftts")])  # fmt: skip
     with pytest.raises(ValueError, match="families.lin.finetune_mode='ftts'"):
-        finetune_family(config, config.families[0], lambda argv: pytest.fail("trained"))
+        finetune_family(config, config.families[0])
 
 
 # ---- glue_t2t end to end ----------------------------------------------------------------------------------------
@@ -332,18 +334,19 @@ def test_recipe_overrides_apply_on_top_of_the_config():
 
 
 @pytest.mark.slow
-def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog):
+def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog, monkeypatch):
     from saft_hf.experiments.demo import pretrain_tiny_clip, register_demo_tasks
     from saft_hf.experiments.pipeline import run_experiment
 
     register_demo_tasks()
     base = pretrain_tiny_clip(tmp_path / "pretrained", max_steps=2, batch_size=16)
-    finetune = import_recipe("finetune")
     calls = []
 
     def counting_finetune(argv):
         calls.append(argv[argv.index("--output_dir") + 1])
-        finetune.main(argv)
+        run_finetune(argv)
+
+    monkeypatch.setattr(pipeline, "run_finetune", counting_finetune)
 
     def experiment(saft_flags):
         config = ExperimentConfig(
@@ -352,7 +355,7 @@ def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog
             finetune_args=TINY_FINETUNE.split(), merge_methods=["task_arithmetic"], fixed_alpha=None,
             search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}}, eval_max_samples=32,
         )  # fmt: skip
-        return run_experiment(config, counting_finetune, quiet=True)
+        return run_experiment(config, quiet=True)
 
     experiment(["--learning_rate", "3e-3"])
     assert len(calls) == 4

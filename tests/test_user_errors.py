@@ -4,7 +4,6 @@ file and exit with status 1 (130 on Ctrl-C, 143 on SIGTERM), with a traceback on
 never writes into a folder holding another run."""
 
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from saft_hf.checkpoints import ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
 from saft_hf.entrypoint import run_main
 from saft_hf.errors import PushError, UnsafeOutputError
+from saft_hf.finetuning import check_output_dir, check_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
@@ -35,17 +35,6 @@ ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAF
 # transformers prints this on importing CLIPImageProcessor (saft_hf.testing does) where torchvision is not installed:
 # a note about the environment, not an error of the run.
 TORCHVISION_NOTE = "requires torchvision (not installed)"
-
-
-def _import_finetune_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_for_errors", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass annotations are resolved through the module
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _import_finetune_recipe()
 
 
 def _run(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -311,8 +300,8 @@ def _write_checkpoint(folder: Path, *, state: bool = True, weights: str | None =
 
 
 def test_resume_checkpoint_is_checked_and_named(tmp_path):
-    finetune.check_resume_checkpoint(str(_write_checkpoint(tmp_path / "ok" / "checkpoint-3")))
-    finetune.check_resume_checkpoint(str(_write_checkpoint(tmp_path / "lora", weights="adapter_model.safetensors")))
+    check_resume_checkpoint(str(_write_checkpoint(tmp_path / "ok" / "checkpoint-3")))
+    check_resume_checkpoint(str(_write_checkpoint(tmp_path / "lora", weights="adapter_model.safetensors")))
     (tmp_path / "file").write_text("x")
     sharded = _write_checkpoint(tmp_path / "sharded", weights=None)
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1-of-2.safetensors"}}))
@@ -329,7 +318,7 @@ def test_resume_checkpoint_is_checked_and_named(tmp_path):
     ]  # fmt: skip
     for path, error_type, message in cases:
         with pytest.raises(error_type) as error:
-            finetune.check_resume_checkpoint(str(path))
+            check_resume_checkpoint(str(path))
         assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -354,9 +343,9 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_it(tmp_path, conten
     resume_from = resume_from and resume_from.format(run=run, tmp=tmp_path)
     if refused:
         with pytest.raises(UnsafeOutputError, match=f"output_dir {run} already holds a fine-tuning run; choose"):
-            finetune.check_output_dir(run, resume_from)
+            check_output_dir(run, resume_from)
     else:
-        finetune.check_output_dir(run, resume_from)
+        check_output_dir(run, resume_from)
 
 
 @pytest.mark.slow  # one real (tiny) fine-tune and two refused runs: ~30 s

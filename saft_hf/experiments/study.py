@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import write_atomically
 from .config import ExperimentConfig
-from .pipeline import COMPLETED_RESULTS_FILE, FinetuneFn, experiment_stages, run_experiment
+from .pipeline import COMPLETED_RESULTS_FILE, experiment_stages, run_experiment
 from .statistics import CONFIDENCE, Interval, PairedDifference, paired_difference, t_interval
 from .tables import FINETUNED, PRETRAINED, Score, summary_rows, to_csv, to_markdown
 
@@ -102,22 +102,22 @@ def training_seconds(config: ExperimentConfig) -> dict[str, float]:
     return seconds
 
 
-def run_seed(setup: SeedSetup, seed: int, finetune_fn: FinetuneFn, events: Any = None) -> SeedResult:
+def run_seed(setup: SeedSetup, seed: int, events: Any = None) -> SeedResult:
     """One seed's experiment; `events` (a queue, or a callable) is told each finished stage."""
     report = events.put if hasattr(events, "put") else events
     config = setup(seed)
     if report is not None:
         report(f"seed {seed}: prepared")
     on_stage = None if report is None else lambda stage: report(f"seed {seed}: {stage}")
-    result = run_experiment(config, finetune_fn, quiet=True, on_stage=on_stage)
+    result = run_experiment(config, quiet=True, on_stage=on_stage)
     return SeedResult(seed, result.scores, training_seconds(config), str(config.output_path))
 
 
-def run_seeds(setup: SeedSetup, seeds: Sequence[int], finetune_fn: FinetuneFn, *, stages_per_seed: int,
+def run_seeds(setup: SeedSetup, seeds: Sequence[int], *, stages_per_seed: int,
               processes: int = 1, progress: bool = True) -> list[SeedResult]:  # fmt: skip
     """Every seed's experiment, `processes` at a time (each in its own spawned process with one torch thread:
-    on a CPU, tiny models train faster as parallel single-threaded runs). `setup` and `finetune_fn` must be
-    importable (module-level) when `processes` > 1. One progress bar counts the stages of all seeds."""
+    on a CPU, tiny models train faster as parallel single-threaded runs). `setup` must be importable
+    (module-level) when `processes` > 1. One progress bar counts the stages of all seeds."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     bar = tqdm(total=len(seeds) * (stages_per_seed + 1), desc="study", unit="stage", disable=not progress,
@@ -129,12 +129,12 @@ def run_seeds(setup: SeedSetup, seeds: Sequence[int], finetune_fn: FinetuneFn, *
 
     try:
         if processes <= 1:
-            return [run_seed(setup, seed, finetune_fn, advance) for seed in seeds]
+            return [run_seed(setup, seed, advance) for seed in seeds]
         context = multiprocessing.get_context("spawn")  # torch and fork do not mix
         with context.Manager() as manager, ProcessPoolExecutor(min(processes, len(seeds)), mp_context=context,
                                                                initializer=_worker_init) as pool:  # fmt: skip
             events = manager.Queue()
-            futures = [pool.submit(run_seed, setup, seed, finetune_fn, events) for seed in seeds]
+            futures = [pool.submit(run_seed, setup, seed, events) for seed in seeds]
             while not all(future.done() for future in futures) or not events.empty():
                 try:
                     advance(events.get(timeout=0.2))
