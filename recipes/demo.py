@@ -9,14 +9,15 @@ No network, no GPU, real data (scikit-learn's bundled handwritten digits). For e
 1. pre-train a tiny CLIP on half of the digits' train split, initialised and trained with that seed;
 2. fine-tune four tasks on the held-out half (digits 0-4, digits 5-9, even/odd, small/large) from it, with plain
    fine-tuning (family `sgd`, the baseline) and with SAFT (ASAM; family `saft`), same budget, through
-   recipes/finetune.py; save the task vectors;
+   saft_hf.finetuning (what recipes/finetune.py runs); save the task vectors;
 3. merge each family (weight averaging; task arithmetic and TIES with alpha searched on validation), score every
    model on every task's test split.
 
 Then `saft_hf.experiments.study` reports per family and merge: fine-tune accuracy, merged absolute and normalized
 accuracy, the paired difference to plain fine-tuning on the same seed with its 95% Student t interval and the
 seeds won, training time, and a verdict computed from the numbers; it writes study.md/.csv, study_summary.json and
-two figures. The first seed's weight-disentanglement heat-map is drawn too (recipes/analyze.py).
+two figures. The first seed's weight-disentanglement heat-map is drawn too (saft_hf.analysis.suite, as
+recipes/analyze.py).
 
 A rerun reuses every stage whose settings did not change and redoes the others (resumable by content). The demo is
 not tuned to make SAFT win: it reports what it measures.
@@ -30,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from saft_hf.analysis.suite import AnalysisArguments, run_analyses
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import ExperimentConfig
 from saft_hf.experiments.demo import DemoSeedSetup, register_demo_tasks
@@ -69,9 +71,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     quiet_console()
-    import analyze  # noqa: PLC0415  (imported once the console is quiet: importing them warns about torchvision)
-    import finetune  # noqa: PLC0415
-
     register_demo_tasks()
     output_dir = Path(args.output_dir)
     setup = DemoSeedSetup(str(args.config), str(output_dir), args.pretraining_steps,
@@ -80,20 +79,19 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.seeds))
     print(f"[demo] {len(seeds)} seeds x ({len(template.families)} families x {len(template.tasks)} tasks fine-tuned, "
           f"merged with {', '.join(template.merge_methods)}), {args.processes} at a time ...", flush=True)  # fmt: skip
-    results = run_seeds(setup, seeds, finetune.main, stages_per_seed=experiment_stages(template),
-                        processes=args.processes)  # fmt: skip
+    results = run_seeds(setup, seeds, stages_per_seed=experiment_stages(template), processes=args.processes)
     rows = summarize(results, template.tasks, args.baseline)
 
     heatmaps = []
     if args.grid_points:
         first = Path(results[0].output_dir)
         pair = HEATMAP_TASKS if set(HEATMAP_TASKS) <= set(template.tasks) else template.tasks[:2]
-        flags = [item for family in template.families for item in
-                 ("--family", family.name, *(str(first / "task_vectors" / family.name / task) for task in pair))]
-        summary = analyze.main(["--base", str(first / "pretrained"), "--tasks", *pair, *flags,
-                                "--analyses", "disentanglement", "--output-dir", str(output_dir / "analysis"),
-                                "--max-examples", str(args.heatmap_examples),
-                                "--grid-points", str(args.grid_points)])  # fmt: skip
+        families = [[family.name, *(str(first / "task_vectors" / family.name / task) for task in pair)]
+                    for family in template.families]  # fmt: skip
+        summary = run_analyses(AnalysisArguments(
+            base=str(first / "pretrained"), tasks=list(pair), family=families, analyses=["disentanglement"],
+            output_dir=str(output_dir / "analysis"), max_examples=args.heatmap_examples, grid_points=args.grid_points,
+        ))  # fmt: skip
         heatmaps = [str(output_dir / "analysis" / name) for name in summary["disentanglement"]["figures"]]
 
     wall = time.perf_counter() - started
