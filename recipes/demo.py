@@ -25,10 +25,10 @@ not tuned to make SAFT win: it reports what it measures.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from saft_hf.analysis.suite import AnalysisArguments, run_analyses
@@ -37,38 +37,44 @@ from saft_hf.experiments import ExperimentConfig
 from saft_hf.experiments.demo import DemoSeedSetup, register_demo_tasks
 from saft_hf.experiments.pipeline import experiment_stages
 from saft_hf.experiments.study import quiet_console, run_seeds, summarize, write_study
+from saft_hf.parser import SaftParser
 
 CONFIG = Path(__file__).parent / "configs" / "demo_experiment.yaml"
 HEATMAP_TASKS = ("demo_parity", "demo_small_large")
 BASELINE = "sgd"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/demo", help="Everything is written (and cached) here.")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="The experiment config (tasks, families, merges).")
-    parser.add_argument("--seeds", type=int, default=6, help="Seeds 0..N-1, each a whole experiment.")
-    parser.add_argument("--processes", type=int, default=2, help="Seeds run this many at a time (one per core).")
-    parser.add_argument("--baseline", default=BASELINE, help="The family the others are compared with.")
-    parser.add_argument("--pretraining_steps", type=int, default=200)
-    parser.add_argument("--finetune_args", default="",
-                        help="Extra recipes/finetune.py flags for every fine-tune, one string ('--max_steps 10').")  # fmt: skip
-    parser.add_argument("--grid_points", type=int, default=7,
-                        help="Points per axis of the heat-map grid over [-0.5, 1.5] (the paper's is 21); 0: none.")  # fmt: skip
-    parser.add_argument("--heatmap_examples", type=int, default=64, help="Test examples per task for the heat-map.")
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run: 20 pre-training and 10 fine-tuning steps, 3x3 heat-map grid.")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.seeds < 1 or args.processes < 1:
-        parser.error("--seeds and --processes must be >= 1")
-    if args.quick:
-        args.pretraining_steps, args.grid_points, args.heatmap_examples = 20, 3, 16
-        args.finetune_args = f"--max_steps 10 --warmup_steps 1 {args.finetune_args}"
-    return args
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Everything is written (and cached) here."})
+    config: str = field(default=str(CONFIG), metadata={"help": "The experiment config (tasks, families, merges)."})
+    seeds: int = field(default=6, metadata={"help": "Seeds 0..N-1, each a whole experiment."})
+    processes: int = field(default=2, metadata={"help": "Seeds run this many at a time (one per core)."})
+    baseline: str = field(default=BASELINE, metadata={"help": "The family the others are compared with."})
+    pretraining_steps: int = 200
+    finetune_args: str = field(
+        default="", metadata={"help": "Extra fine-tuning flags for every fine-tune, one string ('--max_steps 10')."}
+    )
+    grid_points: int = field(
+        default=7,
+        metadata={"help": "Points per axis of the heat-map grid over [-0.5, 1.5] (the paper's is 21); 0: none."},
+    )
+    heatmap_examples: int = field(default=64, metadata={"help": "Test examples per task for the heat-map."})
+    quick: bool = field(
+        default=False, metadata={"help": "A smoke run: 20 pre-training and 10 fine-tuning steps, 3x3 heat-map grid."}
+    )
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.processes < 1:
+            raise ValueError(f"seeds and processes must be >= 1, got {self.seeds} and {self.processes}.")
+        if self.quick:
+            self.pretraining_steps, self.grid_points, self.heatmap_examples = 20, 3, 16
+            self.finetune_args = f"--max_steps 10 --warmup_steps 1 {self.finetune_args}"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    # --config is the experiment file itself here (a field), not a layer of this command's defaults.
+    args, _ = SaftParser(DemoArguments, config_option=False, description=__doc__).parse_args_and_config(argv)
     started = time.perf_counter()
     quiet_console()
     register_demo_tasks()

@@ -24,14 +24,14 @@ from pathlib import Path
 from saft_hf.data import get_task
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
-from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+from saft_hf.experiments.config import config_from_args, parse_experiment_args
 from saft_hf.finetuning import check_finetune_mode
 
 CONFIG = Path(__file__).parent / "configs" / "glue_t2t.yaml"
 
 
 def main(argv: list[str] | None = None):
-    args = experiment_argument_parser(__doc__, CONFIG).parse_args(argv)
+    args = parse_experiment_args(argv, CONFIG, __doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     config = config_from_args(args)
     runnable = []

@@ -309,22 +309,23 @@ def test_glue_t2t_end_to_end_on_tiny_t5_with_label_word_confusion(tmp_path, caps
     ],
 )
 def test_recipe_overrides_are_checked(flags, message):
-    from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+    from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
-    args = experiment_argument_parser("", RECIPES / "configs" / "glue_t2t.yaml").parse_args(flags)
+    args = parse_experiment_args(flags, RECIPES / "configs" / "glue_t2t.yaml")
     with pytest.raises(ValueError, match=message):
         config_from_args(args)
 
 
 def test_recipe_overrides_apply_on_top_of_the_config():
-    from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+    from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
-    args = experiment_argument_parser("", RECIPES / "configs" / "glue_t2t.yaml").parse_args(
-        ["--tasks", "sst2", "rte", "--families", "saft", "--dataset_path", "rte=/data/rte", "--finetune_args",
-         "--max_steps 3 --learning_rate 1e-3", "--output_dir", "/tmp/x"])  # fmt: skip
+    args = parse_experiment_args(
+        ["--tasks", "sst2", "rte", "--families", "saft", "--dataset_path", "sst2=/data/s", "--dataset_path",
+         "rte=/data/rte", "--finetune_args", "--max_steps 3 --learning_rate 1e-3", "--output_dir", "/tmp/x"],
+        RECIPES / "configs" / "glue_t2t.yaml")  # fmt: skip
     config = config_from_args(args)
     assert (config.tasks, [f.name for f in config.families], config.dataset_paths) == (
-        ["sst2", "rte"], ["saft"], {"rte": "/data/rte"})
+        ["sst2", "rte"], ["saft"], {"sst2": "/data/s", "rte": "/data/rte"})
     argv = finetune_argv(config, config.families[0], "rte", Path("/tmp/x/run"))
     assert argv[-4:] == ["--max_steps", "3", "--learning_rate", "1e-3"]
     assert argv[argv.index("--dataset_path") + 1] == "/data/rte" and config.output_dir == "/tmp/x"

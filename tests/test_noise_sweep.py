@@ -213,7 +213,8 @@ def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, chang
 
 def test_flags_override_the_sweep_config(tmp_path):
     config = _write_sweep_config(tmp_path, tmp_path / "out")
-    args = noise_sweep.parse_noise_sweep_args(["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"])
+    args = noise_sweep.parse_noise_sweep_args(
+        ["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"])
     assert args.learning_rates == [1e-4, 3e-4] and args.device == "meta"
     assert args.batch_sizes == [4, 8] and args.finetune_configs[1] == str(tmp_path / "overrides.yaml")
 

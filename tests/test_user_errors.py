@@ -270,6 +270,8 @@ def test_full_disk_during_a_merge_is_one_line_naming_the_file(family, tmp_path):
     [
         (["--sam_rho", "-1"], ["sam_rho", "-1"]),
         (["--task", "nosuchtask"], ["task: Unknown task 'nosuchtask'"]),
+        # argparse's usage text (hundreds of TrainingArguments flags) and exit status 2 are replaced by one line.
+        (["--lora_r", "many"], ["argument --lora_r/--lora-r: invalid int value: 'many' (see --help)"]),
         (["--output_dir", "{tmp}/out/{{nope}}"], ["output_dir '{tmp}/out/{{nope}}'", "unknown placeholder"]),
         (["--resume_from_checkpoint", "missing/"], ["resume_from_checkpoint missing/ does not exist"]),
     ],

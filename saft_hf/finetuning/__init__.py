@@ -11,7 +11,14 @@ from .arguments import (
     public_config,
     write_resolved_config,
 )
-from .checks import WEIGHTS_FILES, check_finetune_mode, check_output_dir, check_resume_checkpoint, find_task, holds_a_run
+from .checks import (
+    WEIGHTS_FILES,
+    check_finetune_mode,
+    check_output_dir,
+    check_resume_checkpoint,
+    find_task,
+    holds_a_run,
+)
 from .training import TextToTextTrainer, apply_mode, finetune, finetune_image_classifier, finetune_text_to_text, run
 
 __all__ = [
