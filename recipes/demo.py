@@ -9,14 +9,15 @@ No network, no GPU, real data (scikit-learn's bundled handwritten digits). For e
 1. pre-train a tiny CLIP on half of the digits' train split, initialised and trained with that seed;
 2. fine-tune four tasks on the held-out half (digits 0-4, digits 5-9, even/odd, small/large) from it, with plain
    fine-tuning (family `sgd`, the baseline) and with SAFT (ASAM; family `saft`), same budget, through
-   recipes/finetune.py; save the task vectors;
+   saft_hf.finetuning (what recipes/finetune.py runs); save the task vectors;
 3. merge each family (weight averaging; task arithmetic and TIES with alpha searched on validation), score every
    model on every task's test split.
 
 Then `saft_hf.experiments.study` reports per family and merge: fine-tune accuracy, merged absolute and normalized
 accuracy, the paired difference to plain fine-tuning on the same seed with its 95% Student t interval and the
 seeds won, training time, and a verdict computed from the numbers; it writes study.md/.csv, study_summary.json and
-two figures. The first seed's weight-disentanglement heat-map is drawn too (recipes/analyze.py).
+two figures. The first seed's weight-disentanglement heat-map is drawn too (saft_hf.analysis.suite, as
+recipes/analyze.py).
 
 A rerun reuses every stage whose settings did not change and redoes the others (resumable by content). The demo is
 not tuned to make SAFT win: it reports what it measures.
@@ -24,54 +25,58 @@ not tuned to make SAFT win: it reports what it measures.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from saft_hf.analysis.suite import AnalysisArguments, run_analyses
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import ExperimentConfig
 from saft_hf.experiments.demo import DemoSeedSetup, register_demo_tasks
 from saft_hf.experiments.pipeline import experiment_stages
 from saft_hf.experiments.study import quiet_console, run_seeds, summarize, write_study
+from saft_hf.parser import SaftParser
 
 CONFIG = Path(__file__).parent / "configs" / "demo_experiment.yaml"
 HEATMAP_TASKS = ("demo_parity", "demo_small_large")
 BASELINE = "sgd"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/demo", help="Everything is written (and cached) here.")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="The experiment config (tasks, families, merges).")
-    parser.add_argument("--seeds", type=int, default=6, help="Seeds 0..N-1, each a whole experiment.")
-    parser.add_argument("--processes", type=int, default=2, help="Seeds run this many at a time (one per core).")
-    parser.add_argument("--baseline", default=BASELINE, help="The family the others are compared with.")
-    parser.add_argument("--pretraining_steps", type=int, default=200)
-    parser.add_argument("--finetune_args", default="",
-                        help="Extra recipes/finetune.py flags for every fine-tune, one string ('--max_steps 10').")  # fmt: skip
-    parser.add_argument("--grid_points", type=int, default=7,
-                        help="Points per axis of the heat-map grid over [-0.5, 1.5] (the paper's is 21); 0: none.")  # fmt: skip
-    parser.add_argument("--heatmap_examples", type=int, default=64, help="Test examples per task for the heat-map.")
-    parser.add_argument("--quick", action="store_true",
-                        help="A smoke run: 20 pre-training and 10 fine-tuning steps, 3x3 heat-map grid.")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.seeds < 1 or args.processes < 1:
-        parser.error("--seeds and --processes must be >= 1")
-    if args.quick:
-        args.pretraining_steps, args.grid_points, args.heatmap_examples = 20, 3, 16
-        args.finetune_args = f"--max_steps 10 --warmup_steps 1 {args.finetune_args}"
-    return args
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Everything is written (and cached) here."})
+    config: str = field(default=str(CONFIG), metadata={"help": "The experiment config (tasks, families, merges)."})
+    seeds: int = field(default=6, metadata={"help": "Seeds 0..N-1, each a whole experiment."})
+    processes: int = field(default=2, metadata={"help": "Seeds run this many at a time (one per core)."})
+    baseline: str = field(default=BASELINE, metadata={"help": "The family the others are compared with."})
+    pretraining_steps: int = 200
+    finetune_args: str = field(
+        default="", metadata={"help": "Extra fine-tuning flags for every fine-tune, one string ('--max_steps 10')."}
+    )
+    grid_points: int = field(
+        default=7,
+        metadata={"help": "Points per axis of the heat-map grid over [-0.5, 1.5] (the paper's is 21); 0: none."},
+    )
+    heatmap_examples: int = field(default=64, metadata={"help": "Test examples per task for the heat-map."})
+    quick: bool = field(
+        default=False, metadata={"help": "A smoke run: 20 pre-training and 10 fine-tuning steps, 3x3 heat-map grid."}
+    )
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.processes < 1:
+            raise ValueError(f"seeds and processes must be >= 1, got {self.seeds} and {self.processes}.")
+        if self.quick:
+            self.pretraining_steps, self.grid_points, self.heatmap_examples = 20, 3, 16
+            self.finetune_args = f"--max_steps 10 --warmup_steps 1 {self.finetune_args}"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    # --config is the experiment file itself here (a field), not a layer of this command's defaults.
+    args, _ = SaftParser(DemoArguments, config_option=False, description=__doc__).parse_args_and_config(argv)
     started = time.perf_counter()
     quiet_console()
-    import analyze  # noqa: PLC0415  (imported once the console is quiet: importing them warns about torchvision)
-    import finetune  # noqa: PLC0415
-
     register_demo_tasks()
     output_dir = Path(args.output_dir)
     setup = DemoSeedSetup(str(args.config), str(output_dir), args.pretraining_steps,
@@ -80,20 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.seeds))
     print(f"[demo] {len(seeds)} seeds x ({len(template.families)} families x {len(template.tasks)} tasks fine-tuned, "
           f"merged with {', '.join(template.merge_methods)}), {args.processes} at a time ...", flush=True)  # fmt: skip
-    results = run_seeds(setup, seeds, finetune.main, stages_per_seed=experiment_stages(template),
-                        processes=args.processes)  # fmt: skip
+    results = run_seeds(setup, seeds, stages_per_seed=experiment_stages(template), processes=args.processes)
     rows = summarize(results, template.tasks, args.baseline)
 
     heatmaps = []
     if args.grid_points:
         first = Path(results[0].output_dir)
         pair = HEATMAP_TASKS if set(HEATMAP_TASKS) <= set(template.tasks) else template.tasks[:2]
-        flags = [item for family in template.families for item in
-                 ("--family", family.name, *(str(first / "task_vectors" / family.name / task) for task in pair))]
-        summary = analyze.main(["--base", str(first / "pretrained"), "--tasks", *pair, *flags,
-                                "--analyses", "disentanglement", "--output-dir", str(output_dir / "analysis"),
-                                "--max-examples", str(args.heatmap_examples),
-                                "--grid-points", str(args.grid_points)])  # fmt: skip
+        families = [[family.name, *(str(first / "task_vectors" / family.name / task) for task in pair)]
+                    for family in template.families]  # fmt: skip
+        summary = run_analyses(AnalysisArguments(
+            base=str(first / "pretrained"), tasks=list(pair), family=families, analyses=["disentanglement"],
+            output_dir=str(output_dir / "analysis"), max_examples=args.heatmap_examples, grid_points=args.grid_points,
+        ))  # fmt: skip
         heatmaps = [str(output_dir / "analysis" / name) for name in summary["disentanglement"]["figures"]]
 
     wall = time.perf_counter() - started

@@ -5,7 +5,7 @@
 
 Flan-T5-base is fine-tuned on CoLA, MRPC, RTE and SST-2 (the model generates the label word) with plain fine-tuning
 (`sgd`), SAFT (`saft`, ASAM) and their FTLO versions (attention projections only) — and FTTS (the first-order
-linearisation, which generates with its linearised forward) when the config names it — through recipes/finetune.py
+linearisation, which generates with its linearised forward) when the config names it — through saft_hf.finetuning
 with the paper's settings (configs/flan_t5_base.yaml). Each family's task vectors are merged with task arithmetic,
 alpha searched on the validation splits; every model is scored on each task's test split (GLUE validation).
 
@@ -21,19 +21,18 @@ import logging
 import sys
 from pathlib import Path
 
-import finetune
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
-from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
 CONFIG = Path(__file__).parent / "configs" / "glue_t2t.yaml"
 
 
 def main(argv: list[str] | None = None):
-    args = experiment_argument_parser(__doc__, CONFIG).parse_args(argv)
+    args = parse_experiment_args(argv, CONFIG, __doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     config = config_from_args(args)
-    result = run_experiment(config, finetune.main)
+    result = run_experiment(config)
     for table in result.tables.values():
         print(table.read_text())
     print(f"[glue_t2t] tables and merged models: {config.output_path}")

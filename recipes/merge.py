@@ -9,24 +9,27 @@ The recipe format is documented in `saft_hf/merging/config.py`; the merged folde
 config and processor files, the recipe as run (`merge_config.yaml`, Hub revisions pinned) and a model card.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 from saft_hf.cli import run_merge
 from saft_hf.entrypoint import run_main
+from saft_hf.parser import SaftParser
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Merge fine-tuned models with a YAML recipe.")
-    parser.add_argument("--config", required=True, help="Path to the merge recipe (YAML).")
-    parser.add_argument("--output_dir", default=None, help="Overrides the recipe's output_dir.")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="Upload the result to this Hub repo.")
-    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
-    return parser.parse_args(argv)
+@dataclass
+class MergeArguments:
+    config: str = field(metadata={"help": "Path to the merge recipe (YAML)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Overrides the recipe's output_dir."})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Upload the result to this Hub repo.", "metavar": "REPO"}
+    )
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    # The merge recipe is this command's --config: its fields are the merge's, not this parser's.
+    args, _ = SaftParser(MergeArguments, config_option=False, description=__doc__).parse_args_and_config(argv)
     output_dir = run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub, private=args.private)
     print(f"Merged model written to {output_dir}")
 

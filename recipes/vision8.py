@@ -22,18 +22,17 @@ import logging
 import sys
 from pathlib import Path
 
-import finetune
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import run_experiment
-from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
 CONFIG = Path(__file__).parent / "configs" / "vision8.yaml"
 
 
 def main(argv: list[str] | None = None):
-    args = experiment_argument_parser(__doc__, CONFIG).parse_args(argv)
+    args = parse_experiment_args(argv, CONFIG, __doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    result = run_experiment(config_from_args(args), finetune.main)
+    result = run_experiment(config_from_args(args))
     for table in result.tables.values():
         print(table.read_text())
     return result

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
+from .cards import finetune_card
 from .config import SAFTConfig
 from .sharpness import (
     PerturbationStats,
@@ -307,8 +308,6 @@ class SAFTTrainer(Trainer):
             raise TypeError(f"create_model_card() got unexpected keyword argument(s) {unknown}.")
         if not self.is_world_process_zero():
             return
-        from .cards import finetune_card  # saft_hf.cards imports the merging package, which needs no trainer
-
         model = self.accelerator.unwrap_model(self.model)
         base = unwrap_peft_model(model)
         peft_config = getattr(model, "peft_config", None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -46,7 +46,10 @@ from saft_hf.analysis import (
     task_arithmetic_gain,
     text_to_text_task,
 )
+from saft_hf.analysis.suite import ANALYSES, AnalysisArguments
 from saft_hf.analysis.weights import align_to_model
+from saft_hf.parser import SaftParser
+from recipe_loader import import_recipe
 
 GRID = coefficient_grid()
 
@@ -665,19 +668,15 @@ def digits_runs(tmp_path_factory):
 
 
 def test_analyze_recipe_writes_tables_and_figures_for_tiny_clip_on_digits(digits_runs, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    try:
-        import analyze
-    finally:
-        sys.path.pop(0)
+    analyze = import_recipe("analyze")
     root, folders = digits_runs
     summary = analyze.main([
         "--base", str(root / "base"), "--tasks", "digits_0to4", "digits_5to9",
-        "--family", "sgd", *folders, "--output-dir", str(tmp_path), "--max-examples", "6", "--batch-size", "6",
-        "--grid-points", "3", "--grid-range", "-0.5", "0.5", "--barrier-points", "3", "--hessian-gammas", "1",
-        "--hessian-iterations", "2",
+        "--family", "sgd", *folders, "--output_dir", str(tmp_path), "--max_examples", "6", "--batch_size", "6",
+        "--grid_points", "3", "--grid_range", "-0.5", "0.5", "--barrier_points", "3", "--hessian_gammas", "1",
+        "--hessian_iterations", "2",
     ])  # fmt: skip
-    assert set(summary) == set(analyze.ANALYSES)
+    assert set(summary) == set(ANALYSES)
     rows = list(csv.DictReader((tmp_path / "disentanglement_pair_sgd.csv").open()))
     assert [(float(row["alpha_1"]), float(row["alpha_2"])) for row in rows[:3]] == [(-0.5, -0.5), (-0.5, 0.0), (-0.5, 0.5)]
     origin = next(row for row in rows if float(row["alpha_1"]) == 0.0 and float(row["alpha_2"]) == 0.0)
@@ -693,13 +692,26 @@ def test_analyze_recipe_writes_tables_and_figures_for_tiny_clip_on_digits(digits
     assert "gain_vs_noise.png" not in saved["gain"]["figures"]  # these runs logged no noise scale
 
 
-def test_analyze_recipe_rejects_a_family_with_the_wrong_number_of_models(digits_runs, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    try:
-        import analyze
-    finally:
-        sys.path.pop(0)
-    root, folders = digits_runs
-    with pytest.raises(SystemExit):
-        analyze.parse_args(["--base", str(root / "base"), "--tasks", "digits_0to4", "digits_5to9",
-                            "--family", "sgd", folders[0], "--output-dir", str(tmp_path)])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--family", "sgd", "A"], "family 'sgd' has 1 fine-tunes for 2 tasks"),
+        (["--family", "sgd", "A", "B", "--family", "sgd", "C", "D"], "family 'sgd' is given twice"),
+        ([], "Give the fine-tuned models with --finetuned or --family"),
+        (["--finetuned", "A", "B", "--pair", "1", "1"], r"pair \[1, 1\] must be two different task indices below 2"),
+        (["--finetuned", "A", "B", "--analyses", "nope"], "argument --analyses: invalid choice: 'nope'"),
+    ],
+)
+def test_analysis_arguments_are_checked_before_any_work(flags, message):
+    with pytest.raises(ValueError, match=message):
+        SaftParser(AnalysisArguments).parse_args_and_config(
+            ["--base", "b", "--tasks", "digits_0to4", "digits_5to9", "--output_dir", "out", *flags])
+
+
+def test_analysis_families_come_from_a_config_file_in_order(tmp_path):
+    config = tmp_path / "analysis.yaml"
+    config.write_text(yaml.safe_dump({"base": "b", "tasks": ["t1", "t2"], "output_dir": "out",
+                                      "family": [["sgd", "s1", "s2"], ["saft", "a1", "a2"]], "grid_points": "5"}))
+    args, resolved = SaftParser(AnalysisArguments).parse_args_and_config(["--config", str(config), "--pair", "1", "0"])
+    assert args.families == {"sgd": ["s1", "s2"], "saft": ["a1", "a2"]}
+    assert (args.pair, args.grid_points, resolved["grid_points"]) == ([1, 0], 5, 5)

@@ -2,7 +2,6 @@
 and a reduced demo run writes the tables, the merged model folder with its card and recipe, and the heat-map."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from saft_hf.experiments.demo import (
     register_demo_tasks,
 )
 from saft_hf.experiments.study import SMOOTHED
-from test_experiments import RECIPES, import_recipe
+from recipe_loader import RECIPES, import_recipe
 
 register_demo_tasks()
 

@@ -15,7 +15,10 @@ from transformers import CLIPModel
 
 from saft_hf.evaluation import evaluate_model
 from saft_hf.experiments import FINETUNED, PRETRAINED, ExperimentConfig, Family, Score, normalized_accuracy, summary_rows
+from saft_hf.experiments import pipeline
 from saft_hf.experiments.pipeline import finetune_argv, is_finetuned
+from saft_hf.finetuning import parse_finetune_args
+from saft_hf.finetuning import run as run_finetune
 from saft_hf.experiments.tables import to_markdown
 from saft_hf.task_vectors import TaskVector
 from saft_hf.testing import save_tiny_clip, save_tiny_t5
@@ -102,8 +105,7 @@ def test_shipped_configs_hold_the_paper_settings():
                                                                 ["task_arithmetic"])  # fmt: skip
     argv = finetune_argv(glue, glue.families[1], "rte", Path("out"))
     assert Path(argv[0].removeprefix("--config=")) == RECIPES / "configs" / "flan_t5_base.yaml"
-    finetune = import_recipe("finetune")
-    _, data_args, training_args, _ = finetune.parse_args(argv + ["--bf16", "false"])  # this machine has no GPU
+    _, data_args, training_args, _ = parse_finetune_args(argv + ["--bf16", "false"])  # this machine has no GPU
     assert (data_args.task, training_args.sam_mode, training_args.learning_rate, training_args.max_steps) == (
         "rte", "asam", 1e-5, 8000)
 
@@ -143,23 +145,24 @@ def vision_run(tmp_path_factory):
             "--tasks", "digits_0to4", "digits_5to9", "--eval_max_samples", "48",
             "--finetune_args", TINY_FINETUNE + " --torch_num_threads 1"]  # fmt: skip
     calls = []
-    train = vision8.finetune.main
 
     def counting_finetune(args):
         calls.append(args)
-        train(args)
+        run_finetune(args)
 
     result = _run_with(vision8, argv, counting_finetune)
     return root, base, argv, vision8, result, calls
 
 
 def _run_with(recipe, argv, finetune_fn):
-    original = recipe.finetune.main
-    recipe.finetune.main = finetune_fn
+    """`recipe.main(argv)` with the pipeline fine-tuning through `finetune_fn` (the fixture is module-scoped, so
+    no `monkeypatch`)."""
+    original = pipeline.run_finetune
+    pipeline.run_finetune = finetune_fn
     try:
         return recipe.main(argv)
     finally:
-        recipe.finetune.main = original
+        pipeline.run_finetune = original
 
 
 @pytest.mark.slow
@@ -229,13 +232,14 @@ def test_an_unfinished_finetune_is_not_taken_for_a_finished_one(tmp_path):
     assert is_finetuned(tmp_path)
 
 
-def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path):
+def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path, monkeypatch):
     from saft_hf.experiments.pipeline import finetune_family
 
+    monkeypatch.setattr(pipeline, "run_finetune", lambda argv: pytest.fail("trained"))
     config = ExperimentConfig(base_model="m", tasks=["digits_0to4", "digits_5to9"], output_dir=str(tmp_path),
                               families=[Family("lin", sam_mode="none", finetune_mode="lora")])  # fmt: skip
     with pytest.raises(ValueError, match="families.lin.finetune_mode='lora'"):
-        finetune_family(config, config.families[0], lambda argv: pytest.fail("trained"))
+        finetune_family(config, config.families[0])
 
 
 # ---- glue_t2t end to end ----------------------------------------------------------------------------------------
@@ -297,22 +301,23 @@ def test_glue_t2t_end_to_end_on_tiny_t5_with_label_word_confusion(tmp_path, caps
     ],
 )
 def test_recipe_overrides_are_checked(flags, message):
-    from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+    from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
-    args = experiment_argument_parser("", RECIPES / "configs" / "glue_t2t.yaml").parse_args(flags)
+    args = parse_experiment_args(flags, RECIPES / "configs" / "glue_t2t.yaml")
     with pytest.raises(ValueError, match=message):
         config_from_args(args)
 
 
 def test_recipe_overrides_apply_on_top_of_the_config():
-    from saft_hf.experiments.config import config_from_args, experiment_argument_parser
+    from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
-    args = experiment_argument_parser("", RECIPES / "configs" / "glue_t2t.yaml").parse_args(
-        ["--tasks", "sst2", "rte", "--families", "saft", "--dataset_path", "rte=/data/rte", "--finetune_args",
-         "--max_steps 3 --learning_rate 1e-3", "--output_dir", "/tmp/x"])  # fmt: skip
+    args = parse_experiment_args(
+        ["--tasks", "sst2", "rte", "--families", "saft", "--dataset_path", "sst2=/data/s", "--dataset_path",
+         "rte=/data/rte", "--finetune_args", "--max_steps 3 --learning_rate 1e-3", "--output_dir", "/tmp/x"],
+        RECIPES / "configs" / "glue_t2t.yaml")  # fmt: skip
     config = config_from_args(args)
     assert (config.tasks, [f.name for f in config.families], config.dataset_paths) == (
-        ["sst2", "rte"], ["saft"], {"rte": "/data/rte"})
+        ["sst2", "rte"], ["saft"], {"sst2": "/data/s", "rte": "/data/rte"})
     argv = finetune_argv(config, config.families[0], "rte", Path("/tmp/x/run"))
     assert argv[-4:] == ["--max_steps", "3", "--learning_rate", "1e-3"]
     assert argv[argv.index("--dataset_path") + 1] == "/data/rte" and config.output_dir == "/tmp/x"
@@ -322,18 +327,19 @@ def test_recipe_overrides_apply_on_top_of_the_config():
 
 
 @pytest.mark.slow
-def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog):
+def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog, monkeypatch):
     from saft_hf.experiments.demo import pretrain_tiny_clip, register_demo_tasks
     from saft_hf.experiments.pipeline import run_experiment
 
     register_demo_tasks()
     base = pretrain_tiny_clip(tmp_path / "pretrained", max_steps=2, batch_size=16)
-    finetune = import_recipe("finetune")
     calls = []
 
     def counting_finetune(argv):
         calls.append(argv[argv.index("--output_dir") + 1])
-        finetune.main(argv)
+        run_finetune(argv)
+
+    monkeypatch.setattr(pipeline, "run_finetune", counting_finetune)
 
     def experiment(saft_flags):
         config = ExperimentConfig(
@@ -342,7 +348,7 @@ def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog
             finetune_args=TINY_FINETUNE.split(), merge_methods=["task_arithmetic"], fixed_alpha=None,
             search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}}, eval_max_samples=32,
         )  # fmt: skip
-        return run_experiment(config, counting_finetune, quiet=True)
+        return run_experiment(config, quiet=True)
 
     experiment(["--learning_rate", "3e-3"])
     assert len(calls) == 4

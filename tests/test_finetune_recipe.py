@@ -1,5 +1,5 @@
-"""recipes/finetune.py: config-file/flag precedence, end-to-end runs in every fine-tuning mode whose saved models
-reproduce their metrics through `evaluate_model`, and best-on-validation checkpoint selection."""
+"""saft_hf.finetuning (recipes/finetune.py): config-file/flag precedence, end-to-end runs in every fine-tuning mode
+whose saved models reproduce their metrics through `evaluate_model`, and best-on-validation checkpoint selection."""
 
 import json
 import os
@@ -13,10 +13,10 @@ import torch
 import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
-from recipe_loader import import_recipe
 from safetensors.torch import load_file
 from transformers import AutoConfig, CLIPModel
 
+from saft_hf import finetuning
 from saft_hf.data import DIGIT_NAMES, ImageClassificationTask, get_task, register_task
 from saft_hf.evaluation import evaluate_model
 from saft_hf.models import NOT_A_LABEL_WORD, CLIPVisionClassifier, load_text_to_text_model, predict_label_words
@@ -25,9 +25,6 @@ from saft_hf.modes import load_linearized
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
-
-
-finetune = import_recipe("finetune")
 
 
 def _write_config(path: Path, values: dict) -> Path:
@@ -64,7 +61,7 @@ def _write_config(path: Path, values: dict) -> Path:
 def test_flags_override_config_file(tmp_path, file_values, flags, expected):
     values = {"task": "digits", "tiny_model_seed": 0, "output_dir": str(tmp_path / "run"), "use_cpu": True}
     config = _write_config(tmp_path / "config.yaml", values | file_values)
-    model_args, data_args, training_args, resolved = finetune.parse_args(["--config", str(config), *flags])
+    model_args, data_args, training_args, resolved = finetuning.parse_finetune_args(["--config", str(config), *flags])
     for name, value in expected.items():
         parsed = next(getattr(args, name) for args in (model_args, data_args, training_args) if hasattr(args, name))
         assert parsed == value, name
@@ -76,12 +73,12 @@ def test_resolved_config_reproduces_the_run_and_keeps_no_secret(tmp_path):
     config = _write_config(tmp_path / "config.yaml", {"task": "digits", "tiny_model_seed": 0, "sam_rho": 0.3})
     flags = ["--config", str(config), "--output_dir", str(tmp_path / "out_{task}_{sam_mode}"), "--use_cpu", "true",
              "--max_steps", "9", "--hub_token", "hf_secret_value"]
-    first = finetune.parse_args(flags)
+    first = finetuning.parse_finetune_args(flags)
     assert first[2].output_dir == str(tmp_path / "out_digits_asam")
-    finetune.write_resolved_config(first[3], tmp_path)
-    written = (tmp_path / finetune.RESOLVED_CONFIG_FILE).read_text()
+    finetuning.write_resolved_config(first[3], tmp_path)
+    written = (tmp_path / finetuning.RESOLVED_CONFIG_FILE).read_text()
     assert "hf_secret_value" not in written and "hub_token" not in written
-    second = finetune.parse_args(["--config", str(tmp_path / finetune.RESOLVED_CONFIG_FILE)])
+    second = finetuning.parse_finetune_args(["--config", str(tmp_path / finetuning.RESOLVED_CONFIG_FILE)])
     for before, after in zip(first[:3], second[:3]):
         if hasattr(before, "to_dict"):
             before, after = before.to_dict(), after.to_dict()
@@ -95,12 +92,13 @@ def test_resolved_config_reproduces_the_run_and_keeps_no_secret(tmp_path):
     "file_values, flags, error, message",
     [
         ({"task": "digits", "tiny_model_seed": 0, "learning_rat": 0.1}, [], ValueError, "unknown field.*learning_rat"),
-        ({"tiny_model_seed": 0}, [], SystemExit, None),  # no task anywhere: argparse names it
+        ({"tiny_model_seed": 0}, [], ValueError, "task is required: set it in a --config file or with --task"),
         ({"task": "digits"}, [], ValueError, "exactly one of model_name_or_path and tiny_model_seed"),
         ({"task": "digits", "tiny_model_seed": 0, "output_dir": "o/{model}"}, [], ValueError, "unknown placeholder"),
         ({"task": "digits", "tiny_model_seed": 0}, ["--sam_rho", "-1"], ValueError, "sam_rho"),
         ({"task": "digits", "tiny_model_seed": 0, "finetune_mode": "qlora"}, [], ValueError, "finetune_mode.*qlora"),
-        ({"task": "digits", "tiny_model_seed": 0}, ["--finetune_mode", "qlora"], SystemExit, None),  # argparse choices
+        ({"task": "digits", "tiny_model_seed": 0}, ["--finetune_mode", "qlora"], ValueError,
+         "argument --finetune_mode.*: invalid choice: 'qlora'"),
         ({"task": "digits", "tiny_model_seed": 0}, ["--lora_r", "0"], ValueError, "lora_r must be >= 1"),
         ({"task": "digits", "tiny_model_seed": 0}, ["--lora_dropout", "1"], ValueError, "lora_dropout"),
     ],
@@ -108,21 +106,21 @@ def test_resolved_config_reproduces_the_run_and_keeps_no_secret(tmp_path):
 def test_bad_configuration_is_refused(tmp_path, file_values, flags, error, message):
     config = _write_config(tmp_path / "config.yaml", {"use_cpu": True, "output_dir": str(tmp_path)} | file_values)
     with pytest.raises(error, match=message):
-        finetune.parse_args(["--config", str(config), *flags])
+        finetuning.parse_finetune_args(["--config", str(config), *flags])
 
 
 def test_later_config_files_override_earlier_ones(tmp_path):
     first = _write_config(tmp_path / "a.yaml", {"task": "digits", "tiny_model_seed": 0, "learning_rate": 0.1,
                                                "max_steps": 5, "output_dir": str(tmp_path / "{finetune_mode}")})
     second = _write_config(tmp_path / "b.yaml", {"learning_rate": 0.2, "finetune_mode": "lora"})
-    model_args, _, training_args, resolved = finetune.parse_args(
+    model_args, _, training_args, resolved = finetuning.parse_finetune_args(
         ["--config", str(first), "--config", str(second), "--max_steps", "7", "--use_cpu", "true"])
     assert (training_args.learning_rate, training_args.max_steps, model_args.finetune_mode) == (0.2, 7, "lora")
     assert training_args.output_dir == str(tmp_path / "lora")
     assert resolved["learning_rate"] == 0.2
     with pytest.raises(ValueError, match="b.yaml sets unknown field.*lora_rank"):
         _write_config(second, {"lora_rank": 4})
-        finetune.parse_args(["--config", str(first), "--config", str(second)])
+        finetuning.parse_finetune_args(["--config", str(first), "--config", str(second)])
 
 
 CONFIGS = REPO / "recipes" / "configs"
@@ -143,7 +141,7 @@ def test_shipped_configs_parse(configs, model, expected_dir, learning_rate, batc
     if "lora" not in configs:
         flags += ["--finetune_mode", "ftlo"]
     # bf16 needs a GPU: the command line turns it off here, as it would override anything else.
-    model_args, _, training_args, _ = finetune.parse_args([*flags, "--bf16", "false", "--task", "rte"])
+    model_args, _, training_args, _ = finetuning.parse_finetune_args([*flags, "--bf16", "false", "--task", "rte"])
     assert model_args.model_name_or_path == model
     assert training_args.max_steps == 8000 and training_args.learning_rate == learning_rate
     assert training_args.per_device_train_batch_size == batch_size
@@ -178,7 +176,7 @@ def test_demo_runs_end_to_end_and_its_model_reproduces_the_recorded_accuracy(tmp
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    resolved = yaml.safe_load((output_dir / finetune.RESOLVED_CONFIG_FILE).read_text())
+    resolved = yaml.safe_load((output_dir / finetuning.RESOLVED_CONFIG_FILE).read_text())
     assert resolved["max_steps"] == 12 and resolved["learning_rate"] == 2e-3 and resolved["task"] == "digits"
     _assert_reloaded_scores_match(output_dir, "digits", {"validation": None, "test": None},
                                   batch_size=resolved["per_device_eval_batch_size"])
@@ -197,7 +195,7 @@ def test_demo_runs_end_to_end_and_its_model_reproduces_the_recorded_accuracy(tmp
 
 
 def _run(output_dir: Path, *flags: str) -> None:
-    finetune.main([*flags, "--tiny_model_seed", "0", "--output_dir", str(output_dir), "--use_cpu", "true",
+    finetuning.run([*flags, "--tiny_model_seed", "0", "--output_dir", str(output_dir), "--use_cpu", "true",
                    "--report_to", "none", "--torch_num_threads", "1"])
 
 

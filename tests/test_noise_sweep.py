@@ -1,9 +1,9 @@
-"""recipes/noise_sweep.py: the noise scale each run logs against a hand computation, the table's gains against the
-analysis functions applied to the saved runs by another route, resumability, figures and bad input."""
+"""saft_hf.experiments.noise_sweep (recipes/noise_sweep.py): the noise scale each run logs against a hand
+computation, the table's gains against the analysis functions applied to the saved runs by another route,
+resumability, figures and bad input."""
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -23,13 +23,12 @@ from saft_hf.analysis import (
     logged_noise_scale,
     task_arithmetic_gain,
 )
+from saft_hf.experiments import noise_sweep
+from saft_hf.finetuning import parse_finetune_args
+from recipe_loader import import_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-try:
-    import noise_sweep
-finally:
-    sys.path.pop(0)
+noise_sweep_recipe = import_recipe("noise_sweep")
 
 # The demo's settings (tiny CLIP from seed 0, AdamW) shrunk to 4 steps of a linear decay without warm-up, logged at
 # every step, with beta1 = 0.8 so the momentum term is not 1/(1 - 0.9)^2 = 100 by coincidence of defaults.
@@ -61,7 +60,7 @@ def _write_sweep_config(folder: Path, output_dir: Path, **changes) -> Path:
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("noise_sweep")
     config = _write_sweep_config(root / "configs", root / "out")
-    result = noise_sweep.main(["--config", str(config)])
+    result = noise_sweep_recipe.main(["--config", str(config)])
     return config, root / "out", result
 
 
@@ -162,12 +161,12 @@ def test_a_second_invocation_trains_nothing_and_an_unfinished_run_is_retrained(s
     assert len(first["trained"]) == 12  # 4 settings x 3 runs (digits_0to4 data order 0 serves both merges)
     models = sorted(output_dir.glob("runs/*/*/model.safetensors"))
     stamps = [path.stat().st_mtime_ns for path in models]
-    again = noise_sweep.main(["--config", str(config)])
+    again = noise_sweep_recipe.main(["--config", str(config)])
     assert again["trained"] == []
     assert [path.stat().st_mtime_ns for path in models] == stamps
     assert again["rows"] == first["rows"]
 
-    args = noise_sweep.parse_args(["--config", str(config)])
+    args = noise_sweep.parse_noise_sweep_args(["--config", str(config)])
     setting = noise_sweep.Setting(learning_rate=2e-3, batch_size=8, weight_decay=0.05)
     _, (_, unfinished) = noise_sweep.runs_of(args, setting)
     assert unfinished.folder == _run(output_dir, "lr0.002_bs8_wd0.05", "digits_5to9", 0)
@@ -189,7 +188,7 @@ def test_a_finished_run_of_another_configuration_is_refused(sweep, tmp_path):
     _, output_dir, _ = sweep
     changed = _write_sweep_config(tmp_path, output_dir, finetune={"max_steps": 5})
     with pytest.raises(ValueError, match=r"lr0\.002_bs4_wd0\.05/digits_0to4_data0 .*max_steps: trained 4, asked 5"):
-        noise_sweep.main(["--config", str(changed)])
+        noise_sweep.run_noise_sweep(noise_sweep.parse_noise_sweep_args(["--config", str(changed)]))
 
 
 @pytest.mark.parametrize(
@@ -198,7 +197,7 @@ def test_a_finished_run_of_another_configuration_is_refused(sweep, tmp_path):
         ({"data_seeds": [3]}, "data_seeds must be two different seeds"),
         ({"arithmetic_tasks": ["digits_0to4", "no_such_task"]}, "Unknown task 'no_such_task'"),
         ({"learning_rates": [1e-3, 1e-3]}, "learning_rates has repeated values"),
-        ({"batch_sizes": ["many"]}, "batch_sizes must be a list of int"),
+        ({"batch_sizes": [4, "many"]}, "Config file .*sweep.yaml: batch_sizes must be an integer, got 'many'"),
         ({"finetune_configs": ["missing.yaml"]}, "missing.yaml is not a file"),
         ({"unknown_field": 1}, r"unknown field\(s\): \['unknown_field'\]"),
         ({"finetune": {"gradient_accumulation_steps": 3}}, "batch_sizes: 4 samples per step cannot be split"),
@@ -208,13 +207,14 @@ def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, chang
     output_dir = tmp_path / "out"
     config = _write_sweep_config(tmp_path / "configs", output_dir, **changes)
     with pytest.raises(ValueError, match=message):
-        noise_sweep.main(["--config", str(config)])
+        noise_sweep.run_noise_sweep(noise_sweep.parse_noise_sweep_args(["--config", str(config)]))
     assert not output_dir.exists()
 
 
 def test_flags_override_the_sweep_config(tmp_path):
     config = _write_sweep_config(tmp_path, tmp_path / "out")
-    args = noise_sweep.parse_args(["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"])
+    args = noise_sweep.parse_noise_sweep_args(
+        ["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"])
     assert args.learning_rates == [1e-4, 3e-4] and args.device == "meta"
     assert args.batch_sizes == [4, 8] and args.finetune_configs[1] == str(tmp_path / "overrides.yaml")
 
@@ -230,11 +230,11 @@ CONFIGS = REPO / "recipes" / "configs"
     ],
 )
 def test_shipped_sweep_configs_parse(sweep_config, model, task, settings, max_steps, tmp_path):
-    args = noise_sweep.parse_args(["--config", str(CONFIGS / sweep_config), "--output_dir", str(tmp_path)])
+    args = noise_sweep.parse_noise_sweep_args(["--config", str(CONFIGS / sweep_config), "--output_dir", str(tmp_path)])
     assert len(noise_sweep.grid(args)) == settings and args.interpolation_task == task
     run = noise_sweep.runs_of(args, noise_sweep.grid(args)[0])[0][1]
     # bf16 needs a GPU: the command line turns it off here, as it would override the configs.
-    model_args, data_args, training_args, _ = noise_sweep.finetune.parse_args(
+    model_args, data_args, training_args, _ = parse_finetune_args(
         [*noise_sweep.finetune_argv(args, run, 16), "--bf16", "false"]
     )
     assert model_args.model_name_or_path == model and data_args.task == task

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from saft_hf.checkpoints import ShardedSafetensorsWriter
 from saft_hf.cli import main as cli_main
 from saft_hf.errors import UnsafeOutputError
-from saft_hf.hub import OUTPUT_MANIFEST_NAME, _folder_files, push_folder, resolve_model
+from saft_hf.hub import _folder_files, push_folder, resolve_model
+from saft_hf.layout import OUTPUT_MANIFEST_NAME
 from saft_hf.merging import merge
 from saft_hf.task_vectors import TaskVector
 

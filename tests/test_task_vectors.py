@@ -78,7 +78,6 @@ def test_arithmetic_is_elementwise_and_lazy(family):
 def test_negation_forgets_a_task(family):
     base_dir, (tuned_dir, _) = family
     vector = TaskVector.from_models(base_dir, tuned_dir, dtype=torch.float64)
-    tuned = weights_of(tuned_dir)
     back = (-vector).apply_to(tuned_dir, alpha=1.0, allow_other_base=True)
     base = weights_of(base_dir)
     assert all(torch.equal(back[name], base[name]) for name in base)

@@ -18,13 +18,13 @@ import torch
 import yaml
 from huggingface_hub.utils import hf_raise_for_status
 from merge_fixtures import clip_vision_family
-from recipe_loader import import_recipe
 from safetensors.torch import save_file
 
 from saft_hf.checkpoints import ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
 from saft_hf.entrypoint import run_main
 from saft_hf.errors import PushError, UnsafeOutputError
+from saft_hf.finetuning import check_output_dir, check_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
@@ -35,9 +35,6 @@ ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAF
 # transformers prints this on importing CLIPImageProcessor (saft_hf.testing does) where torchvision is not installed:
 # a note about the environment, not an error of the run.
 TORCHVISION_NOTE = "requires torchvision (not installed)"
-
-
-finetune = import_recipe("finetune")
 
 
 def _run(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -273,6 +270,8 @@ def test_full_disk_during_a_merge_is_one_line_naming_the_file(family, tmp_path):
     [
         (["--sam_rho", "-1"], ["sam_rho", "-1"]),
         (["--task", "nosuchtask"], ["task: Unknown task 'nosuchtask'"]),
+        # argparse's usage text (hundreds of TrainingArguments flags) and exit status 2 are replaced by one line.
+        (["--lora_r", "many"], ["argument --lora_r/--lora-r: invalid int value: 'many' (see --help)"]),
         (["--output_dir", "{tmp}/out/{{nope}}"], ["output_dir '{tmp}/out/{{nope}}'", "unknown placeholder"]),
         (["--resume_from_checkpoint", "missing/"], ["resume_from_checkpoint missing/ does not exist"]),
     ],
@@ -303,8 +302,8 @@ def _write_checkpoint(folder: Path, *, state: bool = True, weights: str | None =
 
 
 def test_resume_checkpoint_is_checked_and_named(tmp_path):
-    finetune.check_resume_checkpoint(str(_write_checkpoint(tmp_path / "ok" / "checkpoint-3")))
-    finetune.check_resume_checkpoint(str(_write_checkpoint(tmp_path / "lora", weights="adapter_model.safetensors")))
+    check_resume_checkpoint(str(_write_checkpoint(tmp_path / "ok" / "checkpoint-3")))
+    check_resume_checkpoint(str(_write_checkpoint(tmp_path / "lora", weights="adapter_model.safetensors")))
     (tmp_path / "file").write_text("x")
     sharded = _write_checkpoint(tmp_path / "sharded", weights=None)
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1-of-2.safetensors"}}))
@@ -321,7 +320,7 @@ def test_resume_checkpoint_is_checked_and_named(tmp_path):
     ]  # fmt: skip
     for path, error_type, message in cases:
         with pytest.raises(error_type) as error:
-            finetune.check_resume_checkpoint(str(path))
+            check_resume_checkpoint(str(path))
         assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -346,9 +345,9 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_it(tmp_path, conten
     resume_from = resume_from and resume_from.format(run=run, tmp=tmp_path)
     if refused:
         with pytest.raises(UnsafeOutputError, match=f"output_dir {run} already holds a fine-tuning run; choose"):
-            finetune.check_output_dir(run, resume_from)
+            check_output_dir(run, resume_from)
     else:
-        finetune.check_output_dir(run, resume_from)
+        check_output_dir(run, resume_from)
 
 
 @pytest.mark.slow  # one real (tiny) fine-tune and two refused runs: ~30 s

@@ -13,6 +13,7 @@ from .registry import (
     get_task,
     register_task,
     split_validation,
+    task_dataset,
 )
 from .transforms import CachedImageInputs, CLIPImageTransform
 from .vision import VISION_TASK_NAMES, VISION_TASKS
@@ -38,5 +39,6 @@ __all__ = [
     "make_digits_task",
     "register_task",
     "split_validation",
+    "task_dataset",
     "stsb_class",
 ]

@@ -231,3 +231,8 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UnknownTaskError(f"Unknown task {name!r}. Registered tasks: {', '.join(sorted(TASKS))}.") from None
+
+
+def task_dataset(task: Task) -> str | None:
+    """The Hub dataset id `task` loads by default (for model cards), or None for data the project generates."""
+    return task.load_splits.path if isinstance(task.load_splits, HubDataset) else None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import yaml
 
 from ..config import SAM_MODES
 from ..merging import get_method
+from ..parser import SaftParser
 
 
 @dataclass
@@ -128,25 +129,43 @@ def _build(cls, values: Any, where: str):
     return cls(**values)
 
 
-def experiment_argument_parser(description: str, default_config: Path) -> argparse.ArgumentParser:
+@dataclass
+class ExperimentArguments:
     """The command line the experiment recipes share: a config file, and overrides of its most-changed fields (so
     the same file runs the paper's setting on a GPU machine and a tiny offline one in tests)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=default_config, help="Experiment YAML (ExperimentConfig).")
-    parser.add_argument("--output_dir", help="Override output_dir.")
-    parser.add_argument("--base_model", help="Override base_model (Hub id or folder).")
-    parser.add_argument("--tasks", nargs="+", help="Override tasks.")
-    parser.add_argument("--families", nargs="+", help="Run only these families of the config (by name).")
-    parser.add_argument("--dataset_path", action="append", default=[], metavar="TASK=PATH",
-                        help="Load TASK's data from PATH (Hub id or local folder); repeatable.")  # fmt: skip
-    parser.add_argument("--finetune_args", default="",
-                        help="Extra recipes/finetune.py flags for every run, one string ('--max_steps 10').")  # fmt: skip
-    parser.add_argument("--eval_max_samples", type=int, help="Score only the first N examples of each split.")
-    parser.add_argument("--eval_batch_size", type=int, help="Override eval_batch_size.")
-    return parser
+
+    config: str | None = field(
+        default=None, metadata={"help": "Experiment YAML (ExperimentConfig); default: the recipe's own."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Override output_dir."})
+    base_model: str | None = field(default=None, metadata={"help": "Override base_model (Hub id or folder)."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Override tasks."})
+    families: list[str] | None = field(default=None, metadata={"help": "Run only these families of the config."})
+    dataset_path: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Load TASK's data from PATH (Hub id or local folder); repeatable.", "metavar": "TASK=PATH",
+                  "action": "extend"},
+    )  # fmt: skip
+    finetune_args: str = field(
+        default="", metadata={"help": "Extra fine-tuning flags for every run, one string ('--max_steps 10')."}
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Score only the first N examples of each split."}
+    )
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Override eval_batch_size."})
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def parse_experiment_args(argv: Sequence[str] | None, default_config: Path, description: str | None = None,
+                          ) -> ExperimentArguments:  # fmt: skip
+    """`ExperimentArguments` from the command line (`SaftParser`; `--config` is the experiment file itself, so it
+    is a field here, not a layer of defaults), `config` defaulting to the recipe's `default_config`."""
+    parser = SaftParser(ExperimentArguments, config_option=False, description=description)
+    args, _ = parser.parse_args_and_config(argv)
+    args.config = args.config or str(default_config)
+    return args
+
+
+def config_from_args(args: ExperimentArguments) -> ExperimentConfig:
     dataset_paths = {}
     for item in args.dataset_path:
         task, separator, path = item.partition("=")

@@ -1,7 +1,7 @@
 """The experiment pipeline shared by the demo, the GLUE text-to-text and the 8-task CLIP recipes.
 
-For every family (e.g. plain fine-tuning and SAFT) it fine-tunes every task from the common `base_model` through
-`recipes/finetune.py` (passed in as `finetune_fn`, so the exact recipe code path runs), saves the task vectors
+For every family (e.g. plain fine-tuning and SAFT) it fine-tunes every task from the common `base_model` with
+`saft_hf.finetuning.run` (the code path of `recipes/finetune.py`, from a command line), saves the task vectors
 (`TaskVector`), merges each family with every configured method — coefficients searched on the validation splits
 over the paper's grid (`search_coefficients`), and at the fixed alpha of App. C.6 — scores every model on every
 task's test split with `evaluate_model`, and writes the tables (`saft_hf.experiments.tables`).
@@ -14,7 +14,7 @@ now, and redoes one whose settings changed, logging one line that names what cha
 the records of the stages it consumes, so a change propagates downstream. Scores are cached by the scored model's
 stage record, so a redone model is never scored from a stale entry. Layout under `output_dir`:
 
-    finetuned/<family>/<task>/        recipes/finetune.py output (model, finetune_config.yaml, all_results.json)
+    finetuned/<family>/<task>/        saft_hf.finetuning output (model, finetune_config.yaml, all_results.json)
     logs/<family>_<task>.log          a fine-tune's console output, when `run_experiment(quiet=True)`
     task_vectors/<family>/<task>/     TaskVector folders
     merged/<family>/<method>[_alpha<a>]/  merged model folder: weights, merge_config.yaml, README.md card
@@ -43,6 +43,8 @@ from datasets import DatasetDict
 from ..checkpoints import write_atomically
 from ..data import Task, TextToTextTask, get_task
 from ..evaluation import evaluate_model, label_word_max_new_tokens, load_processor, load_text_to_text
+from ..finetuning import RESOLVED_CONFIG_FILE
+from ..finetuning import run as run_finetune
 from ..layout import is_task_vector_folder
 from ..merging import get_method, merge, search_coefficients, task_accuracy_evaluator
 from ..merging.engine import RECIPE_NAME
@@ -54,9 +56,7 @@ from .tables import FINETUNED, PRETRAINED, Score, scores_to_records, summary_row
 
 logger = logging.getLogger(__name__)
 
-FinetuneFn = Callable[[list[str]], None]
 COMPLETED_RESULTS_FILE = "all_results.json"
-RESOLVED_FINETUNE_CONFIG = "finetune_config.yaml"
 SEARCHED = "searched"
 NO_COEFFICIENT = "-"  # the setting of methods with nothing to search (weight averaging)
 MERGEABLE_MODES = ("full", "ftlo", "ftts")  # merged FTTS folders record the mode and score linearised
@@ -73,7 +73,7 @@ class ExperimentResult:
 
 
 def is_finetuned(run_dir: Path) -> bool:
-    """A fine-tune is complete once recipes/finetune.py wrote its test results (its last step before saving)."""
+    """A fine-tune is complete once saft_hf.finetuning wrote its test results (its last step before saving)."""
     results = run_dir / COMPLETED_RESULTS_FILE
     if not results.is_file():
         return False
@@ -84,7 +84,8 @@ def is_finetuned(run_dir: Path) -> bool:
 
 
 def finetune_argv(config: ExperimentConfig, family: Family, task: str, run_dir: Path) -> list[str]:
-    """The recipes/finetune.py command line of one run: the config files, then the run's own flags."""
+    """The fine-tuning command line of one run (`saft_hf.finetuning.run`, recipes/finetune.py): the config files,
+    then the run's own flags."""
     argv = [f"--config={path}" for path in config.finetune_configs]
     argv += ["--model_name_or_path", config.base_model, "--task", task, "--output_dir", str(run_dir),
              "--sam_mode", family.sam_mode, "--finetune_mode", family.finetune_mode]  # fmt: skip
@@ -194,7 +195,7 @@ def finetune_settings(config: ExperimentConfig, argv: Sequence[str]) -> dict[str
     return {"argv": list(argv), "config_files": configs, "base_model": model_identity(config.base_model)}
 
 
-def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: FinetuneFn, *, quiet: bool = False,
+def finetune_family(config: ExperimentConfig, family: Family, *, quiet: bool = False,
                     on_stage: StageFn | None = None) -> dict[str, str]:  # fmt: skip
     """Each task's fine-tuned model (folder or Hub id): pulled when the family names existing fine-tunes, reused
     when the output folder holds one finished with the same settings, trained otherwise. `quiet` sends each
@@ -217,9 +218,9 @@ def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: Finet
         if stage_is_current(run_dir, settings) and is_finetuned(run_dir):
             logger.info("reusing the fine-tune of %s (%s) in %s", task, family.name, run_dir)
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # recipes/finetune.py must not resume a stale run
+            shutil.rmtree(run_dir, ignore_errors=True)  # the fine-tune must not resume a stale run
             log = config.output_path / "logs" / f"{family.name}_{task}.log" if quiet else None
-            _call_quietly(finetune_fn, argv, log)
+            _finetune(argv, log)
             if not is_finetuned(run_dir):
                 missing = run_dir / COMPLETED_RESULTS_FILE
                 raise RuntimeError(f"Fine-tuning {task} ({family.name}) finished without {missing}.")
@@ -230,13 +231,14 @@ def finetune_family(config: ExperimentConfig, family: Family, finetune_fn: Finet
     return models
 
 
-def _call_quietly(finetune_fn: FinetuneFn, argv: list[str], log: Path | None) -> None:
+def _finetune(argv: list[str], log: Path | None) -> None:
+    """Fine-tune from a command line, its console output sent to `log` when given."""
     if log is None:
-        finetune_fn(argv)
+        run_finetune(argv)
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        finetune_fn(argv)
+        run_finetune(argv)
 
 
 def model_key(model: str | Path) -> str:
@@ -264,7 +266,7 @@ def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[
 
 
 def _resolved_finetune_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RESOLVED_FINETUNE_CONFIG
+    path = run_dir / RESOLVED_CONFIG_FILE
     return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
 
 
@@ -388,7 +390,7 @@ def experiment_stages(config: ExperimentConfig) -> int:
     return len(config.families) * (len(config.tasks) + merges)
 
 
-def run_experiment(config: ExperimentConfig, finetune_fn: FinetuneFn, *, quiet: bool = False,
+def run_experiment(config: ExperimentConfig, *, quiet: bool = False,
                    on_stage: StageFn | None = None) -> ExperimentResult:  # fmt: skip
     """Fine-tune, save task vectors, merge, score and tabulate (see the module docstring). `quiet` keeps the
     fine-tunes' console output in `logs/`; `on_stage` is told each stage as it finishes (`experiment_stages`)."""
@@ -397,7 +399,7 @@ def run_experiment(config: ExperimentConfig, finetune_fn: FinetuneFn, *, quiet: 
     scores = [_score(scorer, config.base_model, "", PRETRAINED, "", task) for task in tasks]
     result = ExperimentResult(scores, {})
     for family in config.families:
-        models = finetune_family(config, family, finetune_fn, quiet=quiet, on_stage=on_stage)
+        models = finetune_family(config, family, quiet=quiet, on_stage=on_stage)
         result.task_vectors[family.name] = save_task_vectors(config, family, models)
         scores += [_score(scorer, models[task.name], family.name, FINETUNED, "", task) for task in tasks]
         for method in config.merge_methods:
@@ -451,7 +453,6 @@ def write_tables(config: ExperimentConfig, scores: Sequence[Score]) -> dict[str,
 
 __all__ = [
     "ExperimentResult",
-    "FinetuneFn",
     "STAGE_RECORD_SUFFIX",
     "Scorer",
     "finetune_argv",

@@ -44,16 +44,15 @@ from tqdm.auto import tqdm
 from ..checkpoints import write_atomically
 from .config import ExperimentConfig
 from ..evaluation import evaluate_model
+from ..finetuning import RESOLVED_CONFIG_FILE
 from ..merging import MergeConfig, get_method
 from ..merging.engine import MergePlan
 from ..merging.finetuning import MergedStateDict
 from ..merging.search import paper_grid
 from .pipeline import (
     COMPLETED_RESULTS_FILE,
-    RESOLVED_FINETUNE_CONFIG,
     SEARCHED,
     ExperimentResult,
-    FinetuneFn,
     Scorer,
     merged_parameters,
     run_experiment,
@@ -133,7 +132,7 @@ def finetune_settings(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     `finetune_config.yaml`: the same for every task of a family), with its `sam_mode`."""
     settings = {}
     for family in config.families:
-        path = config.output_path / "finetuned" / family.name / config.tasks[0] / RESOLVED_FINETUNE_CONFIG
+        path = config.output_path / "finetuned" / family.name / config.tasks[0] / RESOLVED_CONFIG_FILE
         resolved = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
         settings[family.name] = {"sam_mode": family.sam_mode,
                                  **{name: resolved[name] for name in FINETUNE_SETTINGS if name in resolved}}  # fmt: skip
@@ -175,8 +174,7 @@ def grid_neighbour_scores(config: ExperimentConfig, result: ExperimentResult) ->
     return smoothed
 
 
-def run_seed(setup: SeedSetup, seed: int, finetune_fn: FinetuneFn, events: Any = None, *,
-             smooth: bool = True) -> SeedResult:  # fmt: skip
+def run_seed(setup: SeedSetup, seed: int, events: Any = None, *, smooth: bool = True) -> SeedResult:
     """One seed's experiment (with `grid_neighbour_scores` when `smooth`); `events` (a queue, or a callable) is
     told each finished stage."""
     report = events.put if hasattr(events, "put") else events
@@ -184,17 +182,17 @@ def run_seed(setup: SeedSetup, seed: int, finetune_fn: FinetuneFn, events: Any =
     if report is not None:
         report(f"seed {seed}: prepared")
     on_stage = None if report is None else lambda stage: report(f"seed {seed}: {stage}")
-    result = run_experiment(config, finetune_fn, quiet=True, on_stage=on_stage)
+    result = run_experiment(config, quiet=True, on_stage=on_stage)
     scores = result.scores + (grid_neighbour_scores(config, result) if smooth else [])
     return SeedResult(seed, scores, training_seconds(config), str(config.output_path),
                       finetune_settings(config))  # fmt: skip
 
 
-def run_seeds(setup: SeedSetup, seeds: Sequence[int], finetune_fn: FinetuneFn, *, stages_per_seed: int,
+def run_seeds(setup: SeedSetup, seeds: Sequence[int], *, stages_per_seed: int,
               processes: int = 1, progress: bool = True) -> list[SeedResult]:  # fmt: skip
     """Every seed's experiment, `processes` at a time (each in its own spawned process with one torch thread:
-    on a CPU, tiny models train faster as parallel single-threaded runs). `setup` and `finetune_fn` must be
-    importable (module-level) when `processes` > 1. One progress bar counts the stages of all seeds."""
+    on a CPU, tiny models train faster as parallel single-threaded runs). `setup` must be importable
+    (module-level) when `processes` > 1. One progress bar counts the stages of all seeds."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     bar = tqdm(total=len(seeds) * (stages_per_seed + 1), desc="study", unit="stage", disable=not progress,
@@ -206,12 +204,12 @@ def run_seeds(setup: SeedSetup, seeds: Sequence[int], finetune_fn: FinetuneFn, *
 
     try:
         if processes <= 1:
-            return [run_seed(setup, seed, finetune_fn, advance) for seed in seeds]
+            return [run_seed(setup, seed, advance) for seed in seeds]
         context = multiprocessing.get_context("spawn")  # torch and fork do not mix
         with context.Manager() as manager, ProcessPoolExecutor(min(processes, len(seeds)), mp_context=context,
                                                                initializer=_worker_init) as pool:  # fmt: skip
             events = manager.Queue()
-            futures = [pool.submit(run_seed, setup, seed, finetune_fn, events) for seed in seeds]
+            futures = [pool.submit(run_seed, setup, seed, events) for seed in seeds]
             while not all(future.done() for future in futures) or not events.empty():
                 try:
                     advance(events.get(timeout=0.2))
