@@ -95,8 +95,10 @@ class MergeConfig:
     )
     allow_nonfinite: bool = field(
         default=False,
-        metadata={"help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
-                          "default both are refused, naming the tensor)."},
+        metadata={
+            "help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
+            "default both are refused, naming the tensor)."
+        },
     )
     output_dir: str | None = field(default=None, metadata={"help": "Folder the merged model is written to."})
     push_to_hub: PushToHub | None = field(default=None, metadata={"help": "`{repo_id, private}` to upload to."})
@@ -214,9 +216,3 @@ class MergeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text

@@ -39,8 +39,10 @@ def common_finetune_mode(modes: Mapping[str, str | None]) -> str | None:
     recorded = set(modes.values()) - {None}
     if len(recorded) > 1 or (FTTS_MODE in recorded and None in modes.values()):
         listing = "; ".join(f"{label}: {mode or 'none recorded'}" for label, mode in modes.items())
-        raise ValueError(f"models: inputs of different fine-tuning modes score with different forwards and cannot be "
-                         f"merged into one model ({listing})")  # fmt: skip
+        raise ValueError(
+            f"models: inputs of different fine-tuning modes score with different forwards and cannot be "
+            f"merged into one model ({listing})"
+        )
     return recorded.pop() if recorded else None
 
 
@@ -82,8 +84,11 @@ def copy_shared_head(folder: Path, heads: Mapping[str, Path | None]) -> None:
     without = [label for label, head in heads.items() if head is None]
     listing = ", ".join(carried)
     reason = f"only {listing} of the inputs have one" if without else f"{listing} hold different heads"
-    warnings.warn(f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
-                  "CLIPModel base_model", stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
+        "CLIPModel base_model",
+        stacklevel=2,
+    )
 
 
 class MergedStateDict(dict):
@@ -104,7 +109,11 @@ def _same_head(first: tuple[dict, dict], other: tuple[dict, dict]) -> bool:
     """Equal heads by content: safetensors writes the metadata keys in no fixed order, so equal heads need not be
     equal bytes."""
     (tensors, metadata), (other_tensors, other_metadata) = first, other
-    return metadata == other_metadata and tensors.keys() == other_tensors.keys() and all(
-        tensor.dtype == other_tensors[name].dtype and torch.equal(tensor, other_tensors[name])
-        for name, tensor in tensors.items()
+    return (
+        metadata == other_metadata
+        and tensors.keys() == other_tensors.keys()
+        and all(
+            tensor.dtype == other_tensors[name].dtype and torch.equal(tensor, other_tensors[name])
+            for name, tensor in tensors.items()
+        )
     )
