@@ -174,10 +174,10 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Score ``args.model`` on each ``--task``; return the Markdown table (one row: the model, each task's
     accuracy in percent, their average, as in the paper's tables) and the scores as written to ``--output``."""
     # Deferred to the command that needs them: `saft-hf --help` starts fast.
-    from .checkpoints import write_atomically
     from .data import SPLITS, get_task
     from .evaluation import evaluate_model
     from .experiments.tables import to_markdown
+    from .io import write_atomically
 
     # Everything is checked before the first model or dataset is loaded.
     if len(set(args.task)) != len(args.task):

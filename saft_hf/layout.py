@@ -11,7 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
-# Written into every output folder saft_hf owns (saft_hf.checkpoints.atomic_output_dir); never pushed.
+# Written into every output folder saft_hf owns (saft_hf.io.atomic_output_dir); never pushed.
 OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
 # What the demo's pre-training writes beside the model it pre-trains (its settings and metrics).
 PRETRAINING_RECORD_NAME = "pretraining.json"

@@ -34,27 +34,25 @@ from typing import Any
 import torch
 
 from . import hub
-from .checkpoints import (
+from .io import (
     CheckpointReader,
     ComputedStateDict,
     KeyAlignment,
     LazyStateDict,
-    ModelWeights,
     ShardedSafetensorsWriter,
     TensorSpec,
-    align_models,
     atomic_output_dir,
     base_fingerprint,
     check_finite,
     check_shapes,
     find_name_map,
     float_names,
-    open_model_weights,
     shared_storage_aliases,
     tensor_dtype,
     tensor_shape,
 )
 from .layout import TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME, is_task_vector_listing
+from .model_weights import ModelWeights, align_models, open_model_weights
 
 TASK_VECTOR_FORMAT = "saft_hf.task_vector"
 METADATA_FIELDS = (
@@ -308,7 +306,7 @@ class TaskVector(LazyStateDict):
 
         Raises :class:`~saft_hf.errors.UnsafeOutputError` before writing when ``path`` is, contains or lies inside a
         folder the vector is read from, or is a folder saft_hf may not replace (see
-        :func:`saft_hf.checkpoints.atomic_output_dir`)."""
+        :func:`saft_hf.io.atomic_output_dir`)."""
         from tqdm.auto import tqdm
 
         output = atomic_output_dir(path, kind="task_vector", inputs=self.source_folders, field="task vector folder")

@@ -15,9 +15,9 @@ from merge_fixtures import clip_vision_family, finetune_like, save, tiny_clip_vi
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from saft_hf.checkpoints import CheckpointReader
 from saft_hf.cli import main as cli_main
 from saft_hf.errors import NonFiniteError
+from saft_hf.io import CheckpointReader
 from saft_hf.merging import MERGE_METHODS, MergeConfig, get_method, merge
 from saft_hf.task_vectors import TaskVector
 

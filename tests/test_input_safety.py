@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionModel
 
 from saft_hf.cards import finetune_card, task_vector_card
-from saft_hf.checkpoints import CheckpointReader
 from saft_hf.errors import OutsideFolderError, PushError
 from saft_hf.hub import fetch_config, push_folder, resolve_model
+from saft_hf.io import CheckpointReader, reading
 from saft_hf.merging import MergeConfig, merge
 from saft_hf.task_vectors import TaskVector
 
@@ -48,15 +48,13 @@ def recipe(base, models, output_dir, **extra) -> dict:
 @pytest.fixture
 def opened(monkeypatch) -> list[Path]:
     """Every safetensors file the checkpoint reader opens."""
-    import saft_hf.checkpoints as checkpoints
-
-    files, original = [], checkpoints.safe_open
+    files, original = [], reading.safe_open
 
     def recording_safe_open(file, **options):
         files.append(Path(file))
         return original(file, **options)
 
-    monkeypatch.setattr(checkpoints, "safe_open", recording_safe_open)
+    monkeypatch.setattr(reading, "safe_open", recording_safe_open)
     return files
 
 

@@ -15,10 +15,10 @@ from merge_fixtures import clip_vision_family, finetune_like, save, tiny_clip, t
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPVisionModel
 
-from saft_hf.checkpoints import CheckpointReader, ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
 from saft_hf.errors import NonFiniteError, UnsafeOutputError
 from saft_hf.hub import _folder_files
+from saft_hf.io import CheckpointReader, ShardedSafetensorsWriter, TensorSpec
 from saft_hf.merging import MergeConfig, get_method, merge, search_coefficients
 from saft_hf.merging.engine import tensor_seed
 from saft_hf.task_vectors import TaskVector

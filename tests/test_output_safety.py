@@ -16,10 +16,10 @@ import pytest
 from merge_fixtures import clip_vision_family
 from safetensors.torch import load_file
 
-from saft_hf.checkpoints import ShardedSafetensorsWriter
 from saft_hf.cli import main as cli_main
 from saft_hf.errors import UnsafeOutputError
 from saft_hf.hub import _folder_files, push_folder, resolve_model
+from saft_hf.io import ShardedSafetensorsWriter
 from saft_hf.layout import OUTPUT_MANIFEST_NAME
 from saft_hf.merging import merge
 from saft_hf.task_vectors import TaskVector
@@ -263,7 +263,7 @@ def test_output_folder_permissions_follow_the_umask(family, tmp_path, umask, mod
 # A merge whose writer stalls after the first tensor (announced on stdout), so the test can signal it mid-write.
 _STALLING_MERGE = """
 import json, sys, time
-from saft_hf.checkpoints import ShardedSafetensorsWriter
+from saft_hf.io import ShardedSafetensorsWriter
 from saft_hf.merging import merge
 
 original = ShardedSafetensorsWriter.add

@@ -20,11 +20,11 @@ from huggingface_hub.utils import hf_raise_for_status
 from merge_fixtures import clip_vision_family
 from safetensors.torch import save_file
 
-from saft_hf.checkpoints import ShardedSafetensorsWriter, TensorSpec
 from saft_hf.cli import main as cli_main
 from saft_hf.entrypoint import run_main
 from saft_hf.errors import PushError, UnsafeOutputError
 from saft_hf.finetuning import check_output_dir, check_resume_checkpoint
+from saft_hf.io import ShardedSafetensorsWriter, TensorSpec
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
@@ -254,8 +254,8 @@ def test_module_and_merge_recipe_print_one_line(family, tmp_path):
 # writing (and says so by creating the marker file); "full" fails like a full disk.
 _WRITER_DRIVER = """
 import errno, os, pathlib, sys, time
-from saft_hf import checkpoints
 from saft_hf.cli import main
+from saft_hf.io import writing
 
 mode, marker = sys.argv[1], pathlib.Path(sys.argv[2])
 
@@ -265,7 +265,7 @@ def add(self, name, tensor):
     marker.touch()
     time.sleep(600)
 
-checkpoints.ShardedSafetensorsWriter.add = add
+writing.ShardedSafetensorsWriter.add = add
 sys.exit(main(sys.argv[3:]))
 """
 

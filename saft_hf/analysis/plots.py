@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from ..checkpoints import write_atomically
+from ..io import write_atomically
 from .results import CurveResult, GridResult
 
 SEARCH_BOX = (0.1, 1.0)  # the task-arithmetic coefficient search range of the paper (App. A.2), its red box

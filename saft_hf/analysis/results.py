@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoints import write_atomically
+from ..io import write_atomically
 
 
 def _plain(value: Any) -> Any:

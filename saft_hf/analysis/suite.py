@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import write_atomically
+from ..io import write_atomically
 from ..layout import is_task_vector_folder
 from ..task_vectors import TaskVector
 from .disentanglement import disentanglement_error

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..checkpoints import find_name_map
+from ..io import find_name_map
 
 if TYPE_CHECKING:
     from .tasks import AnalysisTask
@@ -65,7 +65,7 @@ def align_to_model(tensors: Mapping[str, torch.Tensor], model: nn.Module, *, lab
     under ``model``'s state-dict names, on the model's device and in its dtypes.
 
     Checkpoints may name tensors with another prefix than the module (``vision_model.`` or not); one prefix
-    change is inferred as :func:`saft_hf.checkpoints.find_name_map` does. Raises ``ValueError`` naming the tensor
+    change is inferred as :func:`saft_hf.io.find_name_map` does. Raises ``ValueError`` naming the tensor
     (and ``label``) when a name has no counterpart or a shape differs.
     """
     own = model.state_dict()

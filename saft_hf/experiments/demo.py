@@ -28,9 +28,9 @@ from torch import nn
 from transformers import CLIPModel, PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..checkpoints import atomic_output_dir
 from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_splits, make_digits_task, register_task
 from ..evaluation import classification_metrics
+from ..io import atomic_output_dir
 from ..layout import PRETRAINING_RECORD_NAME
 from .config import ExperimentConfig
 

@@ -54,11 +54,11 @@ from ..analysis import (
     task_arithmetic_gain,
 )
 from ..analysis.suite import load_task_vectors
-from ..checkpoints import write_atomically
 from ..config import SAFTConfig
 from ..data import get_task
 from ..finetuning import RESOLVED_CONFIG_FILE, ModelArguments, parse_finetune_args, public_config
 from ..finetuning import run as run_finetune
+from ..io import write_atomically
 from ..parser import SaftParser
 
 logger = logging.getLogger(__name__)

@@ -40,11 +40,11 @@ import torch
 import yaml
 from datasets import DatasetDict
 
-from ..checkpoints import write_atomically
 from ..data import Task, TextToTextTask, get_task
 from ..evaluation import evaluate_model, label_word_max_new_tokens, load_processor, load_text_to_text
 from ..finetuning import RESOLVED_CONFIG_FILE
 from ..finetuning import run as run_finetune
+from ..io import write_atomically
 from ..layout import is_task_vector_folder
 from ..merging import get_method, merge, search_coefficients, task_accuracy_evaluator
 from ..merging.engine import RECIPE_NAME

@@ -41,9 +41,9 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from ..checkpoints import write_atomically
 from ..evaluation import evaluate_model
 from ..finetuning import RESOLVED_CONFIG_FILE
+from ..io import write_atomically
 from ..merging import MergeConfig, get_method
 from ..merging.engine import MergePlan
 from ..merging.finetuning import MergedStateDict

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checkpoints import write_atomically
+from ..io import write_atomically
 
 FINETUNED = "fine-tuned"  # the `method` of each task's own fine-tuned model: the normalizer
 PRETRAINED = "pre-trained"  # the common starting point, scored zero-shot

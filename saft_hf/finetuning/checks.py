@@ -16,9 +16,9 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from ..checkpoints import CheckpointReader
 from ..data import Task, get_task
 from ..errors import UnsafeOutputError
+from ..io import CheckpointReader
 from .arguments import RESOLVED_CONFIG_FILE
 
 # The weight files the Trainer resumes a checkpoint from (Trainer._load_from_checkpoint), and that a saved run holds.

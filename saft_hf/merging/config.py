@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from .. import hub
-from ..checkpoints import parse_size
+from ..io import parse_size
 from .mergekit_format import from_mergekit, is_mergekit_recipe
 from .methods import get_method
 

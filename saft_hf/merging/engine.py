@@ -38,21 +38,19 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..checkpoints import (
+from ..io import (
     KeyAlignment,
-    ModelWeights,
     ShardedSafetensorsWriter,
     TensorSpec,
-    align_models,
     atomic_output_dir,
     check_finite,
     check_outside_inputs,
     check_replaceable,
-    open_model_weights,
     tensor_dtype,
     tensor_shape,
 )
 from ..layout import CONFIG_NAME, is_task_vector_folder, is_task_vector_listing
+from ..model_weights import ModelWeights, align_models, open_model_weights
 from ..models.clip import HEAD_FILE
 from ..task_vectors import TaskVector
 from .config import MergeConfig
@@ -392,7 +390,7 @@ def merge(config: MergeConfig | dict | str | Path, *, token: str | bool | None =
 
 def check_output_dir(config: MergeConfig) -> Path:
     """``output_dir``, after checking (before any download) that it is set, lies apart from the recipe's local
-    inputs and would replace nothing saft_hf did not write (see :func:`saft_hf.checkpoints.atomic_output_dir`)."""
+    inputs and would replace nothing saft_hf did not write (see :func:`saft_hf.io.atomic_output_dir`)."""
     if not config.output_dir:
         raise ValueError("output_dir: required (where to write the merged model)")
     output_dir = Path(config.output_dir).expanduser()

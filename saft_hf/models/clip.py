@@ -27,7 +27,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import cached_file
 
-from ..checkpoints import write_atomically
+from ..io import write_atomically
 
 HEAD_FILE = "zero_shot_head.safetensors"
 _HEAD_TENSORS = ("visual_projection", "class_embeddings", "logit_scale")
