@@ -12,9 +12,10 @@ import torch
 from digits_clip import accuracy_of, digits_trained_clip, planted_labels
 from safetensors.torch import load_file
 
+from saft_hf.cli import main as cli_main
 from saft_hf.data import get_task, load_digits_splits
 from saft_hf.evaluation import evaluate_model
-from saft_hf.hub import names_another_model
+from saft_hf.hub import names_another_model, push_folder
 from saft_hf.merging import merge
 from saft_hf.models import HEAD_FILE
 from saft_hf.modes import apply_finetune_mode
@@ -133,7 +134,7 @@ def _retarget(folder, target, field, file, recorded):
     return target
 
 
-def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_path, adapters):
+def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_path, adapters, capsys):
     base, _, _, folders, _ = adapters
     other_base = shutil.copytree(base, tmp_path / "other_base")  # same weights, another folder
     adapter = _retarget(folders[0], tmp_path / "other", "base_model_name_or_path", "adapter_config.json", other_base)
@@ -145,11 +146,15 @@ def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_pa
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=re.escape(f"adapter {adapter}: records base model '{other_base}'")):
         TaskVector.from_lora(base, adapter)
+    assert cli_main(["task-vector", "--base", str(base), "--lora", str(adapter), "-o", str(tmp_path / "tv")]) == 1
+    assert f"records base model '{other_base}'" in capsys.readouterr().err and not (tmp_path / "tv").exists()
     # Opted out, it is used (here on the same weights).
+    assert cli_main(["task-vector", "--base", str(base), "--lora", str(adapter), "-o", str(tmp_path / "tv"),
+                     "--allow_other_base"]) == 0  # fmt: skip
+    assert sorted(TaskVector.load(tmp_path / "tv")) == sorted(lora_deltas(adapter))
     merged = merge(_recipe(base, [folders[0], adapter], tmp_path / "out", allow_other_base=True), progress=False)
     twice = hand_merge(load_file(base / "model.safetensors"), [folders[0], folders[0]], alpha=0.5)
     torch.testing.assert_close(load_file(merged / "model.safetensors")[QUERY], twice[QUERY], rtol=0, atol=1e-6)
-    assert set(TaskVector.from_lora(base, adapter, allow_other_base=True)) == set(lora_deltas(adapter))
 
 
 def test_a_recorded_base_that_no_longer_exists_is_no_mismatch(tmp_path, adapters):
@@ -193,3 +198,23 @@ def test_names_another_model_only_on_an_established_mismatch(tmp_path, recorded,
     (tmp_path / "b").mkdir()
     paths = {"a": tmp_path / "a", "b": tmp_path / "b", "gone": tmp_path / "gone"}
     assert names_another_model(recorded.format(**paths), wanted.format(**paths)) is differs
+
+
+def test_hub_adapters_are_checked_from_their_config_before_any_weight_download(hub_server, tmp_path, adapters):
+    base, _, _, folders, _ = adapters
+    push_folder(base, "org/base")
+    for name, recorded in (("other", "org/other-base"), ("own", "org/base")):
+        retargeted = _retarget(folders[0], tmp_path / name, "base_model_name_or_path", "adapter_config.json", recorded)
+        (retargeted / "README.md").unlink()  # PEFT's card has a base_model entry the Hub refuses
+        push_folder(retargeted, f"org/adapter-{name}")
+    message = ("models[0] (org/adapter-other): records base model 'org/other-base' (adapter_config.json "
+               "base_model_name_or_path), not the base_model 'org/base'")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        merge(_recipe("org/base", ["org/adapter-other"], tmp_path / "out"), progress=False)
+    assert hub_server.state.served_files("org/adapter-other") == {"adapter_config.json"}
+    assert "model.safetensors" not in hub_server.state.served_files("org/base")
+    # An adapter recording the recipe's Hub base merges as the same adapter read locally does.
+    from_hub = merge(_recipe("org/base", ["org/adapter-own"], tmp_path / "hub"), progress=False)
+    local = merge(_recipe(base, [folders[0]], tmp_path / "local"), progress=False)
+    assert (from_hub / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    assert (from_hub / HEAD_FILE).read_bytes() == (folders[0] / HEAD_FILE).read_bytes()
