@@ -32,8 +32,8 @@ import torch
 from transformers import T5ForConditionalGeneration, TrainerCallback, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sam_reference import AdamW, reference_training  # noqa: E402
 from saft_overhead import CONFIGURATIONS, MODELS, report, run_worker  # noqa: E402
+from sam_reference import AdamW, reference_training  # noqa: E402
 
 from saft_hf import SAFTConfig, SAFTTrainer  # noqa: E402
 from saft_hf.models.clip import CLIPVisionClassifier, build_zero_shot_head  # noqa: E402
@@ -64,10 +64,12 @@ def tiny_clip(device: str) -> CLIPVisionClassifier:
 def t5_samples(count: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
-        {"input_ids": torch.randint(2, VOCAB, (8,), generator=generator),
-         "labels": torch.randint(2, VOCAB, (4,), generator=generator)}
+        {
+            "input_ids": torch.randint(2, VOCAB, (8,), generator=generator),
+            "labels": torch.randint(2, VOCAB, (4,), generator=generator),
+        }
         for _ in range(count)
-    ]  # fmt: skip
+    ]
 
 
 def clip_samples(count: int) -> list[dict[str, torch.Tensor]]:
@@ -80,10 +82,20 @@ def clip_samples(count: int) -> list[dict[str, torch.Tensor]]:
 
 def train(model, samples, device: str, *, steps: int, callbacks=(), **overrides) -> SAFTTrainer:
     settings = dict(
-        output_dir=tempfile.mkdtemp(prefix="saft_hf-gpu-check-"), max_steps=steps, per_device_train_batch_size=2,
-        learning_rate=LR, optim="adamw_torch", lr_scheduler_type="constant", train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=device == "cpu", disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="saft_hf-gpu-check-"),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        seed=0,
+    )
     settings.update(overrides)
     trainer = SAFTTrainer(model=model, args=SAFTConfig(**settings), train_dataset=samples, callbacks=list(callbacks))
     trainer.train()
@@ -124,18 +136,28 @@ def check_fp32_step(device: str) -> str:
         reference = copy.deepcopy(model)
         recorder = GradientRecorder()
         trainer = train(
-            model, samples, device, steps=2, gradient_accumulation_steps=accumulation, callbacks=[recorder],
-            sam_mode="asam", sam_rho=0.5, **ADAM,
-        )  # fmt: skip
+            model,
+            samples,
+            device,
+            steps=2,
+            gradient_accumulation_steps=accumulation,
+            callbacks=[recorder],
+            sam_mode="asam",
+            sam_rho=0.5,
+            **ADAM,
+        )
         batches = [
             {key: value.to(device) for key, value in default_data_collator(samples[i : i + 2]).items()}
             for i in range(0, len(samples), 2)
         ]
         steps = [batches[s * accumulation : (s + 1) * accumulation] for s in range(2)]
         adam = AdamW(
-            lr=LR, eps=ADAM["adam_epsilon"], weight_decay=ADAM["weight_decay"], max_grad_norm=ADAM["max_grad_norm"],
+            lr=LR,
+            eps=ADAM["adam_epsilon"],
+            weight_decay=ADAM["weight_decay"],
+            max_grad_norm=ADAM["max_grad_norm"],
             decay_names=trainer.get_decay_parameter_names(trainer.model),
-        )  # fmt: skip
+        )
         log = reference_training(reference, steps, adam, mode="asam", rho=0.5)
         for gradient, expected in zip(recorder.gradients, log.step_gradients, strict=True):
             error = ((gradient - expected).norm() / expected.norm()).item()

@@ -1,7 +1,8 @@
 """Memory measurement shared by the benchmarks: `/proc/<pid>/status` fields and a sampled peak of `RssAnon`.
 
 Peak RSS (`VmHWM`) counts memory-mapped checkpoint pages, which are reclaimable file cache; `RssAnon` is what a
-process allocates, so the benchmarks' memory targets refer to its sampled peak (SPEC 4).
+process allocates, so the benchmarks' memory targets refer to its sampled peak (docs/conventions.md, "Measuring
+memory").
 """
 
 from __future__ import annotations

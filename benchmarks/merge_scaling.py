@@ -88,9 +88,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_recipe(workdir: Path, method: str, count: int) -> Path:
     import yaml
 
-    recipe = {"merge_method": method, "base_model": str(workdir / "base"), "dtype": "float32",
-              "models": [{"model": str(workdir / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(count)],
-              "parameters": MERGEKIT_PARAMETERS[method]}  # fmt: skip
+    recipe = {
+        "merge_method": method,
+        "base_model": str(workdir / "base"),
+        "dtype": "float32",
+        "models": [{"model": str(workdir / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(count)],
+        "parameters": MERGEKIT_PARAMETERS[method],
+    }
     path = workdir / f"recipe-{method}-{count}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -107,12 +111,21 @@ def measure(workdir: Path, approach: str, method: str, count: int) -> dict:
 
     output_dir = workdir / f"out-{approach}-{method}-{count}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    warm_up = {"base_model": str(workdir / "tiny0"), "models": [str(workdir / "tiny1"), str(workdir / "tiny2")],
-               "method": method, "output_dir": str(workdir / f"warm-up-{approach}-{method}-{count}")}  # fmt: skip
+    warm_up = {
+        "base_model": str(workdir / "tiny0"),
+        "models": [str(workdir / "tiny1"), str(workdir / "tiny2")],
+        "method": method,
+        "output_dir": str(workdir / f"warm-up-{approach}-{method}-{count}"),
+    }
     merge(warm_up, progress=False)
     naive_merge(warm_up | {"output_dir": warm_up["output_dir"] + "-naive", "parameters": {}}, get_method(method))
-    config = {"base_model": str(workdir / "base"), "models": [str(workdir / f"ft{i}") for i in range(count)],
-              "method": method, "parameters": METHOD_PARAMETERS[method], "output_dir": str(output_dir)}  # fmt: skip
+    config = {
+        "base_model": str(workdir / "base"),
+        "models": [str(workdir / f"ft{i}") for i in range(count)],
+        "method": method,
+        "parameters": METHOD_PARAMETERS[method],
+        "output_dir": str(output_dir),
+    }
     baseline_kb = status_kb("RssAnon")
     start = time.perf_counter()
     with AnonSampler() as sampler:
@@ -124,9 +137,16 @@ def measure(workdir: Path, approach: str, method: str, count: int) -> dict:
     kept = [output_dir] if approach == "naive" else []  # the float64 reference for the command runs
     for folder in {output_dir, Path(warm_up["output_dir"]), Path(warm_up["output_dir"] + "-naive")} - set(kept):
         shutil.rmtree(folder, ignore_errors=True)
-    return {"approach": approach, "method": method, "T": count, "seconds": seconds,
-            "peak_rss_mb": status_kb("VmHWM") / 1024, "peak_anon_mb": sampler.peak_kb / 1024,
-            "baseline_anon_mb": baseline_kb / 1024, "anon_above_baseline_mb": (sampler.peak_kb - baseline_kb) / 1024}  # fmt: skip
+    return {
+        "approach": approach,
+        "method": method,
+        "T": count,
+        "seconds": seconds,
+        "peak_rss_mb": status_kb("VmHWM") / 1024,
+        "peak_anon_mb": sampler.peak_kb / 1024,
+        "baseline_anon_mb": baseline_kb / 1024,
+        "anon_above_baseline_mb": (sampler.peak_kb - baseline_kb) / 1024,
+    }
 
 
 def naive_merge(config: dict, method) -> None:
@@ -139,8 +159,12 @@ def naive_merge(config: dict, method) -> None:
     base = load(config["base_model"])
     states = [load(folder) for folder in config["models"]]
     weights = [1.0] * len(states)
-    merged = {name: method.function(tensor, [state[name] for state in states], weights, **method.resolve_parameters(
-        config["parameters"])).to(tensor.dtype) for name, tensor in base.items()}  # fmt: skip
+    merged = {
+        name: method.function(
+            tensor, [state[name] for state in states], weights, **method.resolve_parameters(config["parameters"])
+        ).to(tensor.dtype)
+        for name, tensor in base.items()
+    }
     Path(config["output_dir"]).mkdir(parents=True)
     save_file(merged, Path(config["output_dir"]) / "model.safetensors", metadata={"format": "pt"})
 
@@ -158,13 +182,18 @@ def run_command(command: list[str], approach: str, method: str, count: int, envi
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
-    return {"approach": approach, "method": method, "T": count, "seconds": seconds,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": sampler.peak_kb / 1024}  # fmt: skip
+    return {
+        "approach": approach,
+        "method": method,
+        "T": count,
+        "seconds": seconds,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_anon_mb": sampler.peak_kb / 1024,
+    }
 
 
 def max_difference(folder: Path, reference: Path) -> float:
     """Largest absolute difference between the tensors of two merged folders (same names)."""
-    import torch
     from safetensors.torch import load_file
 
     def tensors(path: Path) -> dict:
@@ -184,8 +213,14 @@ def run_commands(workdir: Path, method: str, count: int, mergekit_python: str | 
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     commands = {"saft-hf": [sys.executable, "-m", "saft_hf.cli", "merge", str(recipe), "--no_progress", "--output_dir"]}
     if mergekit_python:
-        commands["mergekit"] = [mergekit_python, "-m", "mergekit.scripts.run_yaml", str(recipe), "--no-copy-tokenizer",
-                                "--quiet"]  # fmt: skip
+        commands["mergekit"] = [
+            mergekit_python,
+            "-m",
+            "mergekit.scripts.run_yaml",
+            str(recipe),
+            "--no-copy-tokenizer",
+            "--quiet",
+        ]
     rows = []
     for approach, command in commands.items():
         output_dir = workdir / f"out-{approach}-{method}-{count}"
@@ -212,11 +247,15 @@ def run_worker(workdir: Path, approach: str, method: str, count: int) -> dict:
 
 def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str]) -> None:
     checkpoint_mb, largest_mb = sizes["checkpoint_bytes"] / MB, sizes["largest_tensor_bytes"] / MB
-    print(f"\nViT-B/32 vision tower: {sizes['tensors']} tensors, checkpoint {checkpoint_mb:.0f} MB, "
-          f"largest tensor {largest_mb:.1f} MB; load average at the end "
-          f"{', '.join(f'{load:.2f}' for load in os.getloadavg())}\n")  # fmt: skip
-    header = (f"{'method':<16}{'T':>3}  {'approach':<10}{'wall s':>8}{'peak RSS MB':>13}{'peak anon MB':>14}"
-              f"{'anon>base MB':>14}{'max |diff| vs f64':>19}")  # fmt: skip
+    print(
+        f"\nViT-B/32 vision tower: {sizes['tensors']} tensors, checkpoint {checkpoint_mb:.0f} MB, "
+        f"largest tensor {largest_mb:.1f} MB; load average at the end "
+        f"{', '.join(f'{load:.2f}' for load in os.getloadavg())}\n"
+    )
+    header = (
+        f"{'method':<16}{'T':>3}  {'approach':<10}{'wall s':>8}{'peak RSS MB':>13}{'peak anon MB':>14}"
+        f"{'anon>base MB':>14}{'max |diff| vs f64':>19}"
+    )
     print(header + "\n" + "-" * len(header))
     by_key = {(row["method"], row["T"], row["approach"]): row for row in rows}
     approaches = [a for a in ("streaming", "naive", "saft-hf", "mergekit") if any(r["approach"] == a for r in rows)]
@@ -226,14 +265,17 @@ def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str])
                 row = by_key[(method, count, approach)]
                 above = f"{row['anon_above_baseline_mb']:>14.0f}" if "anon_above_baseline_mb" in row else f"{'':>14}"
                 difference = f"{row['max_abs_difference']:>19.1e}" if "max_abs_difference" in row else f"{'':>19}"
-                print(f"{method:<16}{count:>3}  {approach:<10}{row['seconds']:>8.1f}{row['peak_rss_mb']:>13.0f}"
-                      f"{row['peak_anon_mb']:>14.0f}{above}{difference}")  # fmt: skip
+                print(
+                    f"{method:<16}{count:>3}  {approach:<10}{row['seconds']:>8.1f}{row['peak_rss_mb']:>13.0f}"
+                    f"{row['peak_anon_mb']:>14.0f}{above}{difference}"
+                )
     print("\nratios naive / streaming (anon above baseline, peak RSS, wall time):")
     for method in methods:
         for count in counts:
             stream, naive = by_key[(method, count, "streaming")], by_key[(method, count, "naive")]
-            print(f"  {method:<16} T={count}: anon x{naive['anon_above_baseline_mb'] / stream['anon_above_baseline_mb']:.1f}"
-                  f", RSS x{naive['peak_rss_mb'] / stream['peak_rss_mb']:.2f}, time x{naive['seconds'] / stream['seconds']:.2f}")  # fmt: skip
+            anon = naive["anon_above_baseline_mb"] / stream["anon_above_baseline_mb"]
+            rss, seconds = naive["peak_rss_mb"] / stream["peak_rss_mb"], naive["seconds"] / stream["seconds"]
+            print(f"  {method:<16} T={count}: anon x{anon:.1f}, RSS x{rss:.2f}, time x{seconds:.2f}")
     if "mergekit" in approaches:
         print("\nwall time / mergekit's (target for saft-hf, start to end: <= 0.25):")
         for method in methods:
@@ -242,18 +284,24 @@ def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str])
                 command = by_key[(method, count, "saft-hf")]["seconds"]
                 stream = by_key[(method, count, "streaming")]["seconds"]
                 verdict = "OK" if command <= 0.25 * mergekit else "MISSED"
-                print(f"  {method:<16} T={count}: saft-hf x{command / mergekit:.2f} ({verdict}), streaming merge alone "
-                      f"x{stream / mergekit:.2f}")  # fmt: skip
+                print(
+                    f"  {method:<16} T={count}: saft-hf x{command / mergekit:.2f} ({verdict}), streaming merge alone "
+                    f"x{stream / mergekit:.2f}"
+                )
     print("\ntargets (streaming, allocated memory above the interpreter's baseline; saft-hf output vs float64):")
     for method in methods:
         first, last = by_key[(method, counts[0], "streaming")], by_key[(method, counts[-1], "streaming")]
         ratio = last["anon_above_baseline_mb"] / checkpoint_mb
-        line = (f"  {method:<16} T={counts[-1]} peak {ratio:.2f}x checkpoint (target <= 2x): "
-                f"{'OK' if ratio <= 2 else 'MISSED'}")  # fmt: skip
+        line = (
+            f"  {method:<16} T={counts[-1]} peak {ratio:.2f}x checkpoint (target <= 2x): "
+            f"{'OK' if ratio <= 2 else 'MISSED'}"
+        )
         if counts[-1] > counts[0]:
             growth = (last["anon_above_baseline_mb"] - first["anon_above_baseline_mb"]) / (counts[-1] - counts[0])
-            line += (f"; growth per added input {growth:+.1f} MB (target <= largest tensor, {largest_mb:.1f} MB): "
-                     f"{'OK' if growth <= largest_mb else 'MISSED'}")  # fmt: skip
+            line += (
+                f"; growth per added input {growth:+.1f} MB (target <= largest tensor, {largest_mb:.1f} MB): "
+                f"{'OK' if growth <= largest_mb else 'MISSED'}"
+            )
         worst = max(by_key[(method, count, "saft-hf")]["max_abs_difference"] for count in counts)
         line += f"; output max |diff| {worst:.1e} (target <= 1e-6): {'OK' if worst <= 1e-6 else 'MISSED'}"
         print(line)
@@ -264,8 +312,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="Where to write checkpoints (default: a temp dir).")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"], choices=sorted(METHOD_PARAMETERS))
-    parser.add_argument("--mergekit-python", default=default_mergekit_python(),
-                        help="Python interpreter that can import mergekit (default: this one, if it can).")
+    parser.add_argument(
+        "--mergekit-python",
+        default=default_mergekit_python(),
+        help="Python interpreter that can import mergekit (default: this one, if it can).",
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the generated checkpoints.")
     parser.add_argument("--worker", nargs=3, metavar=("APPROACH", "METHOD", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -286,8 +337,11 @@ def main() -> None:
                 runs = [run_worker(workdir, approach, method, count) for approach in ("streaming", "naive")]
                 runs += run_commands(workdir, method, count, args.mergekit_python)
                 for row in runs:
-                    print(f"  {method} T={count} {row['approach']}: {row['seconds']:.1f} s, "
-                          f"peak anon {row['peak_anon_mb']:.0f} MB", flush=True)  # fmt: skip
+                    print(
+                        f"  {method} T={count} {row['approach']}: {row['seconds']:.1f} s, "
+                        f"peak anon {row['peak_anon_mb']:.0f} MB",
+                        flush=True,
+                    )
                 rows += runs
         report(sizes, rows, args.counts, args.methods)
     finally:

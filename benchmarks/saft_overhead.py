@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from memory import AnonSampler, status_kb
+from memory import AnonSampler
 
 CONFIGURATIONS = {
     "plain": {"sam_mode": "none"},
@@ -79,10 +79,20 @@ def build(model_name: str, samples: int):
         ]
     else:
         config = T5Config(
-            vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        )  # fmt: skip
+            vocab_size=32128,
+            d_model=768,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=12,
+            num_decoder_layers=12,
+            num_heads=12,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            dropout_rate=0.1,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
         model = T5ForConditionalGeneration(config)
         # transformers 5.x ties `lm_head` to the shared embedding of a T5 built from a config; Flan-T5 has its own.
         model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
@@ -165,11 +175,18 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
     model, data = build(model_name, steps * batch_size)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = SAFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="saft_hf-overhead-"), max_steps=steps,
-        per_device_train_batch_size=batch_size, learning_rate=1e-5, train_sampling_strategy="sequential",
-        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not cuda, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(prefix="saft_hf-overhead-"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-5,
+        train_sampling_strategy="sequential",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        disable_tqdm=True,
         **CONFIGURATIONS[configuration],
-    )  # fmt: skip
+    )
     timer = StepTimer()
     trainer = TimedTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     trainer.step_marks = []
@@ -198,12 +215,16 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
             fastest[kind].update({phase: min(split[phase] for _, split in of_kind) for phase in PHASES})
     share = sum(perturbed for _, perturbed, _ in timed) / len(timed)
     return {
-        "model": model_name, "configuration": configuration, "batch_size": batch_size,
+        "model": model_name,
+        "configuration": configuration,
+        "batch_size": batch_size,
         "trainable_parameters": parameters,
         "step_seconds": sum(fastest[kind]["step"] * (share if kind else 1 - share) for kind in fastest),
         "phases": {phase: fastest[max(fastest)][phase] for phase in PHASES},  # of a perturbed step if any
-        "steps": timer.seconds, "perturbed": timer.perturbed, "peak_mb": peak_mb,
-    }  # fmt: skip
+        "steps": timer.seconds,
+        "perturbed": timer.perturbed,
+        "peak_mb": peak_mb,
+    }
 
 
 def run_worker(model_name: str, configuration: str, batch_size: int, cycles: int, threads: int, device: str) -> dict:
@@ -247,12 +268,19 @@ def report(rows: dict[tuple[str, int, str], dict], memory: str = "peak anon MB")
         measured = ratios(group)
         for name, applies, key, limit in TARGETS:
             if applies(batch):
-                results.append((f"{model} batch {batch}: {name} {measured[key]:.2f} (<= {limit:.2f})",
-                                measured[key], measured[key] <= limit))  # fmt: skip
+                results.append(
+                    (
+                        f"{model} batch {batch}: {name} {measured[key]:.2f} (<= {limit:.2f})",
+                        measured[key],
+                        measured[key] <= limit,
+                    )
+                )
         extra_mb = group["saft"]["peak_mb"] - plain["peak_mb"]
         copy_mb = plain["trainable_parameters"] * 4 / 1024**2
-        print(f"{'':<22}SAFT - plain peak memory: {extra_mb:+.0f} MB; one float32 copy of the "
-              f"{plain['trainable_parameters'] / 1e6:.1f}M trainable parameters: {copy_mb:.0f} MB")  # fmt: skip
+        print(
+            f"{'':<22}SAFT - plain peak memory: {extra_mb:+.0f} MB; one float32 copy of the "
+            f"{plain['trainable_parameters'] / 1e6:.1f}M trainable parameters: {copy_mb:.0f} MB"
+        )
     print("\ntargets:")
     for description, _, met in results:
         print(f"  {description}: {'OK' if met else 'MISSED'}")
@@ -281,8 +309,10 @@ def main() -> None:
                     model, configuration, batch, args.cycles, args.threads, args.device
                 )
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    print("seconds per step and per phase, each the fastest over the timed steps; phases of a perturbed step if the "
-          "configuration has any\n")  # fmt: skip
+    print(
+        "seconds per step and per phase, each the fastest over the timed steps; phases of a perturbed step if the "
+        "configuration has any\n"
+    )
     report(rows, "peak anon MB" if args.device == "cpu" else "peak CUDA MB")
 
 

@@ -79,12 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     quiet_console()
     register_demo_tasks()
     output_dir = Path(args.output_dir)
-    setup = DemoSeedSetup(str(args.config), str(output_dir), args.pretraining_steps,
-                          tuple(shlex.split(args.finetune_args)))  # fmt: skip
+    setup = DemoSeedSetup(
+        str(args.config), str(output_dir), args.pretraining_steps, tuple(shlex.split(args.finetune_args))
+    )
     template = ExperimentConfig.from_yaml(args.config, base_model="-", output_dir=str(output_dir))
     seeds = list(range(args.seeds))
-    print(f"[demo] {len(seeds)} seeds x ({len(template.families)} families x {len(template.tasks)} tasks fine-tuned, "
-          f"merged with {', '.join(template.merge_methods)}), {args.processes} at a time ...", flush=True)  # fmt: skip
+    print(
+        f"[demo] {len(seeds)} seeds x ({len(template.families)} families x {len(template.tasks)} tasks fine-tuned, "
+        f"merged with {', '.join(template.merge_methods)}), {args.processes} at a time ...",
+        flush=True,
+    )
     results = run_seeds(setup, seeds, stages_per_seed=experiment_stages(template), processes=args.processes)
     rows = summarize(results, template.tasks, args.baseline)
 
@@ -92,12 +96,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.grid_points:
         first = Path(results[0].output_dir)
         pair = HEATMAP_TASKS if set(HEATMAP_TASKS) <= set(template.tasks) else template.tasks[:2]
-        families = [[family.name, *(str(first / "task_vectors" / family.name / task) for task in pair)]
-                    for family in template.families]  # fmt: skip
-        summary = run_analyses(AnalysisArguments(
-            base=str(first / "pretrained"), tasks=list(pair), family=families, analyses=["disentanglement"],
-            output_dir=str(output_dir / "analysis"), max_examples=args.heatmap_examples, grid_points=args.grid_points,
-        ))  # fmt: skip
+        families = [
+            [family.name, *(str(first / "task_vectors" / family.name / task) for task in pair)]
+            for family in template.families
+        ]
+        summary = run_analyses(
+            AnalysisArguments(
+                base=str(first / "pretrained"),
+                tasks=list(pair),
+                family=families,
+                analyses=["disentanglement"],
+                output_dir=str(output_dir / "analysis"),
+                max_examples=args.heatmap_examples,
+                grid_points=args.grid_points,
+            )
+        )
         heatmaps = [str(output_dir / "analysis" / name) for name in summary["disentanglement"]["figures"]]
 
     wall = time.perf_counter() - started

@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_noise_sweep(args)
     if result["rows"]:  # the main process
         print(format_table(result["rows"]))
-        print(f"[noise_sweep] trained {len(result['trained'])} run(s), "
-              f"reused {len(result['runs']) - len(result['trained'])}.")  # fmt: skip
+        print(
+            f"[noise_sweep] trained {len(result['trained'])} run(s), "
+            f"reused {len(result['runs']) - len(result['trained'])}."
+        )
         for path in result["files"]:
             print(f"[noise_sweep] wrote {path}")
     return result

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import hub
 from .errors import NonFiniteError, OutsideFolderError, UnsafeOutputError
-from .layout import OUTPUT_MANIFEST_NAME
+from .layout import OUTPUT_MANIFEST_NAME, PRETRAINING_RECORD_NAME
 
 MODEL_WEIGHTS_NAME = "model"
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
@@ -41,10 +41,19 @@ _SAFETENSORS_CANDIDATES = ("model", "task_vector")
 _PICKLE_CANDIDATES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
@@ -80,8 +89,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 class ComputedStateDict(LazyStateDict):
     """Tensors computed by ``compute(name)`` each time they are read (nothing is cached)."""
 
-    def __init__(self, names: Iterable[str], compute: Callable[[str], torch.Tensor],
-                 shape: Callable[[str], tuple[int, ...]], dtype: Callable[[str], torch.dtype]):  # fmt: skip
+    def __init__(
+        self,
+        names: Iterable[str],
+        compute: Callable[[str], torch.Tensor],
+        shape: Callable[[str], tuple[int, ...]],
+        dtype: Callable[[str], torch.dtype],
+    ):
         self._names = list(names)
         self._name_set = set(self._names)
         self._compute, self._shape, self._dtype = compute, shape, dtype
@@ -178,8 +192,10 @@ class CheckpointReader(LazyStateDict):
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{index}: not a valid checkpoint index ({error})") from error
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: weight_map is {type(weight_map).__name__}, expected a mapping of tensor names "
-                             "to shard file names")  # fmt: skip
+            raise ValueError(
+                f"{index}: weight_map is {type(weight_map).__name__}, expected a mapping of tensor names "
+                "to shard file names"
+            )
         for name, shard in weight_map.items():
             _check_shard_name(index, name, shard)
         files = sorted({index.parent / name for name in weight_map.values()})
@@ -288,8 +304,15 @@ class ShardedSafetensorsWriter:
     order. Memory stays at one tensor whatever the shard size. Files are read back with the safetensors library.
     """
 
-    def __init__(self, folder: Path, specs: Iterable[TensorSpec], *, prefix: str = MODEL_WEIGHTS_NAME,
-                 max_shard_size: int | str = "2GB", metadata: Mapping[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        specs: Iterable[TensorSpec],
+        *,
+        prefix: str = MODEL_WEIGHTS_NAME,
+        max_shard_size: int | str = "2GB",
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         self.metadata = dict(metadata or {"format": "pt"})
         self._specs = list(specs)
@@ -303,9 +326,11 @@ class ShardedSafetensorsWriter:
             shards[-1].append(spec)
             filled += spec.nbytes
         count = len(shards)
-        names = [f"{prefix}.safetensors"] if count == 1 else [
-            f"{prefix}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)
-        ]  # fmt: skip
+        names = (
+            [f"{prefix}.safetensors"]
+            if count == 1
+            else [f"{prefix}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+        )
         self._shards = list(zip(names, shards))
         self._index = self.folder / f"{prefix}{SAFE_INDEX_SUFFIX}" if count > 1 else None
         self._position = 0  # next spec to write
@@ -335,8 +360,11 @@ class ShardedSafetensorsWriter:
         header: dict[str, object] = {}
         offset = 0
         for spec in specs:
-            header[spec.name] = {"dtype": _SAFETENSORS_CODES[spec.dtype], "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
+            header[spec.name] = {
+                "dtype": _SAFETENSORS_CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         header["__metadata__"] = self.metadata
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -368,8 +396,10 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"tensor {name!r}: all {len(self._specs)} planned tensors were already written")
         spec = self._specs[self._position]
         if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
-            raise ValueError(f"tensor {name!r} {list(tensor.shape)} {tensor.dtype} is not the planned "
-                             f"{spec.name!r} {list(spec.shape)} {spec.dtype}")  # fmt: skip
+            raise ValueError(
+                f"tensor {name!r} {list(tensor.shape)} {tensor.dtype} is not the planned "
+                f"{spec.name!r} {list(spec.shape)} {spec.dtype}"
+            )
         if self._position in self._opens_shard:
             self._open_shard(*self._shards[self._opens_shard[self._position]])
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
@@ -400,12 +430,20 @@ class ShardedSafetensorsWriter:
 
 _MANIFEST_FORMAT = "saft_hf.output/1"
 # What saft_hf wrote before it kept a manifest: such a folder may hold files added since, so it is not replaced.
-_LEGACY_MARKERS = ("merge_config.yaml", "task_vector.safetensors", f"task_vector{SAFE_INDEX_SUFFIX}")
+# Files only saft_hf writes (a merge's recipe, a task vector, the demo's pre-training record): a folder holding one but
+# no manifest was written before manifests existed.
+_LEGACY_MARKERS = (
+    "merge_config.yaml",
+    "task_vector.safetensors",
+    f"task_vector{SAFE_INDEX_SUFFIX}",
+    PRETRAINING_RECORD_NAME,
+)
 _LISTED_NAMES = 3  # names shown in a refusal before "(+N more)"
 
 
-def check_outside_inputs(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], *,
-                         field: str) -> None:  # fmt: skip
+def check_outside_inputs(
+    output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], *, field: str
+) -> None:
     """Raise :class:`UnsafeOutputError` when ``output`` is, contains or lies inside one of ``inputs`` (``(label,
     path)`` pairs): writing there would replace, delete or add to an input. Paths are compared resolved."""
     output = Path(output).expanduser().resolve()
@@ -427,8 +465,13 @@ def check_outside_inputs(output: str | os.PathLike, inputs: Iterable[tuple[str, 
 
 
 @contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike, *, kind: str, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
-                      field: str = "output folder") -> Iterator[Path]:  # fmt: skip
+def atomic_output_dir(
+    target: str | os.PathLike,
+    *,
+    kind: str,
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+    field: str = "output folder",
+) -> Iterator[Path]:
     """Yield a fresh staging folder beside ``target``; move it into place only if the block succeeds.
 
     Before any work: ``target`` must lie apart from ``inputs`` (:func:`check_outside_inputs`) and, if it exists, be
@@ -491,10 +534,13 @@ def _read_manifest(target: Path) -> dict[str, dict[str, int]]:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         valid = manifest["format"] == _MANIFEST_FORMAT and all(
-            isinstance(name, str) and not name.startswith("/") and ".." not in name.split("/")
-            and isinstance(entry["size"], int) and isinstance(entry["mtime_ns"], int)
+            isinstance(name, str)
+            and not name.startswith("/")
+            and ".." not in name.split("/")
+            and isinstance(entry["size"], int)
+            and isinstance(entry["mtime_ns"], int)
             for name, entry in files.items()
-        )  # fmt: skip
+        )
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         valid = False
     if not valid:
@@ -525,8 +571,11 @@ def check_replaceable(target: Path) -> None:
     foreign, changed = [], []
     for directory, subfolders, names in os.walk(target):
         relative = Path(directory).relative_to(target)
-        ours = [name for name in sorted(subfolders)
-                if (relative / name).as_posix() in recorded_folders and not Path(directory, name).is_symlink()]
+        ours = [
+            name
+            for name in sorted(subfolders)
+            if (relative / name).as_posix() in recorded_folders and not Path(directory, name).is_symlink()
+        ]
         foreign += [f"{(relative / name).as_posix()}/" for name in sorted(set(subfolders) - set(ours))]
         subfolders[:] = ours
         for name in sorted(names):
@@ -546,8 +595,11 @@ def check_replaceable(target: Path) -> None:
             "another output folder"
         )
     if changed:
-        files = f"file {changed[0]} changed since saft_hf wrote it" if len(changed) == 1 else (
-            f"files {_listed(changed)} changed since saft_hf wrote them")  # fmt: skip
+        files = (
+            f"file {changed[0]} changed since saft_hf wrote it"
+            if len(changed) == 1
+            else (f"files {_listed(changed)} changed since saft_hf wrote them")
+        )
         raise UnsafeOutputError(f"{target}: {files}; move the folder's contents away or choose another output folder")
 
 
@@ -655,7 +707,8 @@ def instantiate_on_meta(folder: Path) -> torch.nn.Module | None:
 
 
 def tied_aliases(folder: Path | None) -> dict[str, str]:
-    """``{tied name: source name}`` declared by the model in ``folder`` (e.g. T5 ``lm_head.weight -> shared.weight``)."""
+    """``{tied name: source name}`` declared by the model in ``folder`` (e.g. T5 ``lm_head.weight`` ->
+    ``shared.weight``)."""
     model = instantiate_on_meta(folder) if folder is not None and (folder / "config.json").is_file() else None
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
 
@@ -732,9 +785,15 @@ class KeyAlignment:
     base_ties: dict[str, str] = field(default_factory=dict)  # base name stored twice -> base name in ``mapping``
 
 
-def align_keys(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *, other_label: str,
-               aliases: Mapping[str, str] | None = None, name_map: NameMap = NameMap(),
-               required: Callable[[str], bool] | None = None) -> KeyAlignment:  # fmt: skip
+def align_keys(
+    base: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    *,
+    other_label: str,
+    aliases: Mapping[str, str] | None = None,
+    name_map: NameMap = NameMap(),
+    required: Callable[[str], bool] | None = None,
+) -> KeyAlignment:
     """Map each floating-point base tensor that ``other`` must provide to its name in ``other``.
 
     ``required(base_name)`` limits which base tensors ``other`` must provide (default: all), e.g. the vision part
@@ -777,8 +836,9 @@ def covered_by(base_names: Iterable[str]) -> Callable[[str], bool]:
     return lambda name: name.split(".", 1)[0] in modules
 
 
-def check_shapes(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], mapping: Mapping[str, str], *,
-                 other_label: str) -> None:  # fmt: skip
+def check_shapes(
+    base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], mapping: Mapping[str, str], *, other_label: str
+) -> None:
     for base_name, other_name in mapping.items():
         base_shape, other_shape = tensor_shape(base, base_name), tensor_shape(other, other_name)
         if base_shape != other_shape:
@@ -858,25 +918,37 @@ class ModelWeights:
         return {**tied_aliases(self.folder), **self.aliases}
 
 
-def open_model_weights(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module,
-                       revision: str | None = None, *, allow_pickle: bool = False,
-                       token: str | bool | None = None) -> ModelWeights:  # fmt: skip
+def open_model_weights(
+    model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    token: str | bool | None = None,
+) -> ModelWeights:
     """Open a local folder or Hub reference lazily (downloading through :func:`saft_hf.hub.resolve_model`), or wrap
     an in-memory model or state dict."""
     if isinstance(model, torch.nn.Module):
         tensors = model.state_dict()
         config = getattr(model, "config", None)
         name = getattr(config, "_name_or_path", "") or f"in-memory {type(model).__name__}"
-        return ModelWeights(tensors, name, config=config.to_dict() if config is not None else {},
-                            aliases=shared_storage_aliases(tensors), in_memory_model=model)  # fmt: skip
+        return ModelWeights(
+            tensors,
+            name,
+            config=config.to_dict() if config is not None else {},
+            aliases=shared_storage_aliases(tensors),
+            in_memory_model=model,
+        )
     if isinstance(model, Mapping):
         return ModelWeights(model, "in-memory state dict", aliases=shared_storage_aliases(model))
     ref = str(model)
     folder = hub.resolve_model(ref, revision, allow_pickle=allow_pickle, token=token)
     return ModelWeights(
-        CheckpointReader(folder, allow_pickle=allow_pickle), ref, hub.resolved_revision(ref, revision, token=token),
-        folder, read_config(folder),
-    )  # fmt: skip
+        CheckpointReader(folder, allow_pickle=allow_pickle),
+        ref,
+        hub.resolved_revision(ref, revision, token=token),
+        folder,
+        read_config(folder),
+    )
 
 
 def float_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -897,8 +969,9 @@ def align_models(base: ModelWeights, other: ModelWeights, *, other_label: str) -
     aliases = {**base.aliases, **other.aliases}
     if mapped != set(base_float):
         aliases = {**base.declared_ties, **other.declared_ties, **aliases}
-    alignment = align_keys(base.tensors, other.tensors, other_label=other_label, aliases=aliases, name_map=name_map,
-                           required=required)  # fmt: skip
+    alignment = align_keys(
+        base.tensors, other.tensors, other_label=other_label, aliases=aliases, name_map=name_map, required=required
+    )
     check_shapes(base.tensors, other.tensors, alignment.mapping, other_label=other_label)
     return alignment
 

@@ -58,16 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     vector.add_argument("--sam_mode", help="SAM variant used for fine-tuning (recorded).")
     vector.add_argument("--sam_rho", type=float, help="SAM rho used for fine-tuning (recorded).")
     vector.add_argument("--sam_eta", type=float, help="ASAM eta used for fine-tuning (recorded).")
-    vector.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                        help="Storage dtype (default: the base's; float64 makes apply_to exact).")  # fmt: skip
+    vector.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "float16", "bfloat16"),
+        help="Storage dtype (default: the base's; float64 makes apply_to exact).",
+    )
     vector.add_argument("--max_shard_size", default="2GB", help="Largest safetensors shard.")
     vector.add_argument("--allow_pickle", action="store_true", help="Accept pickle .bin weights (can run code).")
-    vector.add_argument("--allow_nonfinite", action="store_true",
-                        help="Let NaN/Inf values in the models (or the difference) through instead of refusing.")  # fmt: skip
+    vector.add_argument(
+        "--allow_nonfinite",
+        action="store_true",
+        help="Let NaN/Inf values in the models (or the difference) through instead of refusing.",
+    )
     vector.add_argument(
         "--allow_other_base",
         action="store_true",
-        help="With --lora: accept an adapter whose recorded base (base_model_name_or_path) is another model than --base.",
+        help="With --lora: accept an adapter whose recorded base_model_name_or_path is another model than --base.",
     )
     vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")
     vector.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
@@ -77,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", action="append", required=True, help="Task name (repeat for several tasks).")
     evaluate.add_argument("--split", default="test", help="train, validation or test (default: test).")
     evaluate.add_argument("--max_samples", type=positive_int, help="Score only the first N examples of each split.")
-    evaluate.add_argument("--dataset_path", action="append", default=[], metavar="TASK=PATH",
-                          help="Read TASK's data from this local folder or Hub dataset (repeatable).")  # fmt: skip
+    evaluate.add_argument(
+        "--dataset_path",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="Read TASK's data from this local folder or Hub dataset (repeatable).",
+    )
     evaluate.add_argument("--base", help="Pre-trained model for folders without a zero-shot head or processor.")
     evaluate.add_argument("--batch_size", type=positive_int, default=32, help="Examples per forward pass.")
     evaluate.add_argument("--output", type=Path, metavar="FILE.json", help="Also write the scores as JSON.")
@@ -86,8 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_merge(config: str | Path, *, output_dir: str | None = None, push_to_hub: str | None = None,
-              private: bool = False, progress: bool = True) -> Path:  # fmt: skip
+def run_merge(
+    config: str | Path,
+    *,
+    output_dir: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    progress: bool = True,
+) -> Path:
     """Merge as the YAML recipe ``config`` says, with the command line's overrides of its output."""
     from .merging import MergeConfig, merge
 
@@ -107,14 +124,25 @@ def run_task_vector(args: argparse.Namespace) -> Path:
 
     recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
     if args.lora:
-        vector = TaskVector.from_lora(args.base, args.lora, finetune_mode=args.finetune_mode or "lora",
-                                      allow_pickle=args.allow_pickle, allow_other_base=args.allow_other_base,
-                                      **recorded)  # fmt: skip
+        vector = TaskVector.from_lora(
+            args.base,
+            args.lora,
+            finetune_mode=args.finetune_mode or "lora",
+            allow_pickle=args.allow_pickle,
+            allow_other_base=args.allow_other_base,
+            **recorded,
+        )
     else:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        vector = TaskVector.from_models(args.base, args.finetuned, finetune_mode=args.finetune_mode, dtype=dtype,
-                                        allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
-                                        **recorded)  # fmt: skip
+        vector = TaskVector.from_models(
+            args.base,
+            args.finetuned,
+            finetune_mode=args.finetune_mode,
+            dtype=dtype,
+            allow_pickle=args.allow_pickle,
+            allow_nonfinite=args.allow_nonfinite,
+            **recorded,
+        )
     folder = vector.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size, progress=True)
     if args.push_to_hub:
         vector.push_to_hub(args.push_to_hub, private=args.private, max_shard_size=args.max_shard_size)
@@ -147,8 +175,9 @@ def check_evaluation_output(path: Path) -> None:
     except (ValueError, AttributeError, UnicodeDecodeError):
         written_here = False
     if not written_here:
-        raise UnsafeOutputError(f"--output {path}: exists and was not written by saft-hf evaluate; choose another "
-                                "file or remove it")  # fmt: skip
+        raise UnsafeOutputError(
+            f"--output {path}: exists and was not written by saft-hf evaluate; choose another file or remove it"
+        )
 
 
 def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -170,8 +199,9 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.output is not None:
         check_evaluation_output(args.output)
 
-    options = dict(batch_size=args.batch_size, max_samples=args.max_samples, base=args.base,
-                   progress=not args.no_progress)  # fmt: skip
+    options = dict(
+        batch_size=args.batch_size, max_samples=args.max_samples, base=args.base, progress=not args.no_progress
+    )
     results = {
         task.name: evaluate_model(args.model, task, args.split, dataset_path=paths.get(task.name), **options)
         for task in tasks
@@ -179,8 +209,14 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     accuracies = {name: 100 * result["accuracy"] for name, result in results.items()}
     row = {"model": args.model, **accuracies, "avg": sum(accuracies.values()) / len(accuracies)}
     table = to_markdown([row], title=f"Accuracy (%) on the {args.split} split")
-    scores = {"format": EVALUATION_FORMAT, "model": args.model, "split": args.split, "max_samples": args.max_samples,
-              "average_accuracy": row["avg"] / 100, "tasks": results}  # fmt: skip
+    scores = {
+        "format": EVALUATION_FORMAT,
+        "model": args.model,
+        "split": args.split,
+        "max_samples": args.max_samples,
+        "average_accuracy": row["avg"] / 100,
+        "tasks": results,
+    }
     if args.output is not None:
         write_atomically(args.output, lambda f: f.write(json.dumps(scores, indent=2) + "\n"))
     return table, scores
@@ -191,8 +227,15 @@ def run_command(argv: Sequence[str]) -> None:
     scores (evaluate)."""
     args = build_parser().parse_args(argv)
     if args.command == "merge":
-        print(run_merge(args.config, output_dir=args.output_dir, push_to_hub=args.push_to_hub, private=args.private,
-                        progress=not args.no_progress))  # fmt: skip
+        print(
+            run_merge(
+                args.config,
+                output_dir=args.output_dir,
+                push_to_hub=args.push_to_hub,
+                private=args.private,
+                progress=not args.no_progress,
+            )
+        )
     elif args.command == "task-vector":
         print(run_task_vector(args))
     else:

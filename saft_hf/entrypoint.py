@@ -85,8 +85,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, *, prog: str,
-             debug_flag: str | None = DEBUG_FLAG) -> int:  # fmt: skip
+def run_main(
+    main: Callable[[list[str]], Any],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    debug_flag: str | None = DEBUG_FLAG,
+) -> int:
     """Run ``main(argv)`` (default argv: ``sys.argv[1:]``) and return the exit status: 0 when it returns, else as the
     module docstring says. ``debug_flag`` is taken out of ``argv`` before ``main`` sees it; pass None when ``main``
     has an option of that name itself (``SAFT_HF_DEBUG=1`` still works)."""

@@ -49,4 +49,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
 )
 
-__all__ = ["USER_ERRORS", "NonFiniteError", "OutsideFolderError", "PushError", "SaftHfError", "UnknownTaskError", "UnsafeOutputError"]
+__all__ = [
+    "USER_ERRORS",
+    "NonFiniteError",
+    "OutsideFolderError",
+    "PushError",
+    "SaftHfError",
+    "UnknownTaskError",
+    "UnsafeOutputError",
+]

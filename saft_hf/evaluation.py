@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import evaluate
@@ -68,7 +68,7 @@ _METRIC_ARGS: dict[str, dict[str, Any]] = {"f1": {"labels": [1], "average": "mic
 ModelOrPath = str | os.PathLike | nn.Module
 
 
-@lru_cache(maxsize=None)
+@cache
 def _metric(name: str) -> evaluate.EvaluationModule:
     return load_metric(name)
 
@@ -307,9 +307,7 @@ def load_weights_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> N
         aliases.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.stride()), []).append(name)
     missing = [names[0] for names in aliases.values() if not any(name in state_dict for name in names)]
     if missing:
-        raise ValueError(
-            f"state_dict lacks {len(missing)} tensor(s) of {type(model).__name__}, e.g. {missing[:5]}."
-        )
+        raise ValueError(f"state_dict lacks {len(missing)} tensor(s) of {type(model).__name__}, e.g. {missing[:5]}.")
     for name, tensor in current.items():
         if name in state_dict and tuple(state_dict[name].shape) != tuple(tensor.shape):
             raise ValueError(

@@ -15,8 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
-from huggingface_hub import snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -60,11 +66,25 @@ PUSH_REPLACED_PATTERNS = ("*.safetensors", "*.safetensors.index.json", *PICKLE_W
 # Shape-defining config fields compared between inputs (at any depth: `vision_config.hidden_size` ...).
 SHAPE_KEYS = frozenset(
     {
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "head_dim", "vocab_size", "max_position_embeddings", "image_size", "patch_size", "num_channels", "d_model",
-        "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "d_model",
+        "d_ff",
+        "d_kv",
+        "num_layers",
+        "num_decoder_layers",
+        "num_heads",
     }
-)  # fmt: skip
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
 # What `git check-ref-format` refuses anywhere in a ref name: ASCII control characters, space, ~ ^ : ? * [ \ and
 # the sequences `..` and `@{`. The client builds cache paths from revisions, so `..` could leave its cache.
@@ -232,8 +252,15 @@ def list_hub_files(ref: str, revision: str | None = None, token: str | bool | No
         try:
             files = [sibling.rfilename for sibling in api.model_info(repo_id, revision=commit).siblings or []]
         except OfflineModeIsEnabled:
-            snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(NEEDED_FILE_PATTERNS),
-                                              local_files_only=True, token=token))  # fmt: skip
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=commit,
+                    allow_patterns=list(NEEDED_FILE_PATTERNS),
+                    local_files_only=True,
+                    token=token,
+                )
+            )
             files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
     return HubListing(repo_id, commit, frozenset(files))
 

@@ -14,9 +14,14 @@ CONFIG_NAME = "config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter folder's config
 # Written into every output folder saft_hf owns (saft_hf.checkpoints.atomic_output_dir); never pushed.
 OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
+# What the demo's pre-training writes beside the model it pre-trains (its settings and metrics).
+PRETRAINING_RECORD_NAME = "pretraining.json"
 TASK_VECTOR_WEIGHTS_NAME = "task_vector"
 # The index first: a sharded vector's metadata is read from it.
-TASK_VECTOR_WEIGHT_FILES = (f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json", f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors")
+TASK_VECTOR_WEIGHT_FILES = (
+    f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json",
+    f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors",
+)
 
 
 def is_task_vector_listing(files: Collection[str]) -> bool:
@@ -45,6 +50,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "CONFIG_NAME",
     "OUTPUT_MANIFEST_NAME",
+    "PRETRAINING_RECORD_NAME",
     "TASK_VECTOR_WEIGHTS_NAME",
     "TASK_VECTOR_WEIGHT_FILES",
     "is_adapter_folder",

@@ -33,16 +33,24 @@ class SaftParser(HfArgumentParser):
     to itself, so that the file works from any working directory. `config_option=False` leaves `--config` out, for
     a command whose own `config` field means something else."""
 
-    def __init__(self, dataclass_types: DataClassType | Iterable[DataClassType], *,
-                 paths_relative_to_config: Sequence[str] = (), config_option: bool = True, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        dataclass_types: DataClassType | Iterable[DataClassType],
+        *,
+        paths_relative_to_config: Sequence[str] = (),
+        config_option: bool = True,
+        **kwargs: Any,
+    ):
         kwargs.setdefault("allow_abbrev", False)  # a mistyped flag is refused, not completed to another one
         super().__init__(dataclass_types, **kwargs)
         self.config_dest = CONFIG_DEST if config_option else None
         if config_option:
             self.add_argument(
-                f"--{CONFIG_DEST}", action="append", metavar="FILE.yaml",
+                f"--{CONFIG_DEST}",
+                action="append",
+                metavar="FILE.yaml",
                 help="YAML file of field values; repeat to layer files (later ones win); flags override them.",
-            )  # fmt: skip
+            )
         self.paths_relative_to_config = tuple(paths_relative_to_config)
         # The first action of each field (a boolean field's `--no_<name>` complement comes second).
         self.fields: dict[str, argparse.Action] = {}

@@ -57,8 +57,19 @@ from .checkpoints import (
 from .layout import ADAPTER_CONFIG_NAME, TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME, is_task_vector_listing
 
 TASK_VECTOR_FORMAT = "saft_hf.task_vector"
-METADATA_FIELDS = ("format", "base_model", "base_revision", "task", "finetune_mode", "sam_mode", "sam_rho",
-                   "sam_eta", "saft_hf_version", "base_fingerprint", "source")  # fmt: skip
+METADATA_FIELDS = (
+    "format",
+    "base_model",
+    "base_revision",
+    "task",
+    "finetune_mode",
+    "sam_mode",
+    "sam_rho",
+    "sam_eta",
+    "saft_hf_version",
+    "base_fingerprint",
+    "source",
+)
 TIED_WEIGHTS_FIELD = "tied_weights"  # JSON {base name stored twice: name of the tensor in the vector}
 _KEEP_NONFINITE = "pass allow_nonfinite=True to compute with such values as they are"
 
@@ -85,9 +96,15 @@ class TaskVector(LazyStateDict):
     never writes into; ``path`` is the file :meth:`from_pretrained` read the metadata from (named in errors).
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 tied_weights: Mapping[str, str] | None = None, source_folders: Iterable[tuple[str, Path]] = (), *,
-                 path: str | os.PathLike | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+        tied_weights: Mapping[str, str] | None = None,
+        source_folders: Iterable[tuple[str, Path]] = (),
+        *,
+        path: str | os.PathLike | None = None,
+    ):
         self._tensors = tensors
         self.metadata = {"format": TASK_VECTOR_FORMAT, **{k: _text(v) for k, v in (metadata or {}).items()}}
         self.tied_weights = dict(tied_weights or {})
@@ -127,11 +144,23 @@ class TaskVector(LazyStateDict):
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
-    def from_models(cls, base: ModelLike, finetuned: ModelLike, *, base_revision: str | None = None,
-                    finetuned_revision: str | None = None, task: str | None = None,
-                    finetune_mode: str | None = None, sam_mode: str | None = None, sam_rho: float | None = None,
-                    sam_eta: float | None = None, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                    allow_nonfinite: bool = False, token: str | bool | None = None) -> TaskVector:  # fmt: skip
+    def from_models(
+        cls,
+        base: ModelLike,
+        finetuned: ModelLike,
+        *,
+        base_revision: str | None = None,
+        finetuned_revision: str | None = None,
+        task: str | None = None,
+        finetune_mode: str | None = None,
+        sam_mode: str | None = None,
+        sam_rho: float | None = None,
+        sam_eta: float | None = None,
+        dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+        token: str | bool | None = None,
+    ) -> TaskVector:
         """``finetuned - base``. Either side may be a local folder, a Hub reference (``org/name@rev``), a model or a
         state dict. Tensors are read lazily; the result is computed on access (or streamed by :meth:`save`).
 
@@ -160,24 +189,46 @@ class TaskVector(LazyStateDict):
                 check_finite(base_tensor, where=f"base {base_weights.label}: tensor {name!r}", advice=_KEEP_NONFINITE)
             difference = _float64(tuned_tensor).sub_(base_tensor.double()).to(storage_dtype(name))
             if not allow_nonfinite:
-                check_finite(difference, where=f"{label}: the difference for tensor {name!r} in {storage_dtype(name)}",
-                             advice="it exceeds the range of that dtype; pass a wider dtype= (e.g. torch.float32), or "
-                             f"{_KEEP_NONFINITE}")  # fmt: skip
+                check_finite(
+                    difference,
+                    where=f"{label}: the difference for tensor {name!r} in {storage_dtype(name)}",
+                    advice="it exceeds the range of that dtype; pass a wider dtype= (e.g. torch.float32), or "
+                    f"{_KEEP_NONFINITE}",
+                )
             return difference
 
         tensors = ComputedStateDict(
             alignment.mapping, compute, shape=lambda name: tensor_shape(base_weights.tensors, name), dtype=storage_dtype
         )
-        metadata = _metadata(base_weights, list(alignment.mapping), source=tuned.label, task=task,
-                             finetune_mode=finetune_mode, sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
+        metadata = _metadata(
+            base_weights,
+            list(alignment.mapping),
+            source=tuned.label,
+            task=task,
+            finetune_mode=finetune_mode,
+            sam_mode=sam_mode,
+            sam_rho=sam_rho,
+            sam_eta=sam_eta,
+        )
         return cls(tensors, metadata, alignment.base_ties, _folders(("base", base_weights), ("finetuned", tuned)))
 
     @classmethod
-    def from_lora(cls, base: ModelLike, adapter: str | os.PathLike, *, base_revision: str | None = None,
-                  adapter_revision: str | None = None, task: str | None = None, finetune_mode: str = "lora",
-                  sam_mode: str | None = None, sam_rho: float | None = None, sam_eta: float | None = None,
-                  allow_pickle: bool = False, allow_other_base: bool = False,
-                  token: str | bool | None = None) -> TaskVector:  # fmt: skip
+    def from_lora(
+        cls,
+        base: ModelLike,
+        adapter: str | os.PathLike,
+        *,
+        base_revision: str | None = None,
+        adapter_revision: str | None = None,
+        task: str | None = None,
+        finetune_mode: str = "lora",
+        sam_mode: str | None = None,
+        sam_rho: float | None = None,
+        sam_eta: float | None = None,
+        allow_pickle: bool = False,
+        allow_other_base: bool = False,
+        token: str | bool | None = None,
+    ) -> TaskVector:
         """The dense task vector of a PEFT LoRA adapter folder (or Hub reference) over ``base``.
 
         Each adapted weight gets ``B @ A * scaling`` (transposed for ``fan_in_fan_out`` / GPT-2 ``Conv1D`` and for
@@ -198,13 +249,22 @@ class TaskVector(LazyStateDict):
         tensors, source = _lora_deltas(
             base_weights, str(adapter), adapter_revision, folder, adapter_config, allow_pickle, token
         )
-        metadata = _metadata(base_weights, list(tensors), source=source, task=task, finetune_mode=finetune_mode,
-                             sam_mode=sam_mode, sam_rho=sam_rho, sam_eta=sam_eta)  # fmt: skip
+        metadata = _metadata(
+            base_weights,
+            list(tensors),
+            source=source,
+            task=task,
+            finetune_mode=finetune_mode,
+            sam_mode=sam_mode,
+            sam_rho=sam_rho,
+            sam_eta=sam_eta,
+        )
         return cls(tensors, metadata, source_folders=[*_folders(("base", base_weights)), (f"adapter {source}", folder)])
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, *, revision: str | None = None,
-                        token: str | bool | None = None) -> TaskVector:  # fmt: skip
+    def from_pretrained(
+        cls, ref: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> TaskVector:
         """Open a saved task vector lazily (tensors are memory-mapped and read on access) from a local folder or a
         Hub repo (``org/name``, ``org/name@revision``, or ``revision=``), as :meth:`push_to_hub` wrote it.
 
@@ -216,13 +276,16 @@ class TaskVector(LazyStateDict):
         listing = hub.list_hub_files(ref, revision, token=token)
         if listing is None:
             if revision is not None:
-                raise ValueError(f"task vector {ref}: revision={revision!r} is for Hub repos, and this is a local "
-                                 "folder; drop revision= (or name a Hub repo)")  # fmt: skip
+                raise ValueError(
+                    f"task vector {ref}: revision={revision!r} is for Hub repos, and this is a local "
+                    "folder; drop revision= (or name a Hub repo)"
+                )
             return cls._open_folder(hub.resolve_model(ref))
         if not is_task_vector_listing(listing.files):
             raise FileNotFoundError(
                 f"Hub repo '{listing.repo_id}@{listing.commit}' holds no saft_hf task vector (it needs "
-                f"{TASK_VECTOR_WEIGHT_FILES[1]} or {TASK_VECTOR_WEIGHT_FILES[0]} and no config.json); files: {sorted(listing.files)}"
+                f"{TASK_VECTOR_WEIGHT_FILES[1]} or {TASK_VECTOR_WEIGHT_FILES[0]} and no config.json); "
+                f"files: {sorted(listing.files)}"
             )
         return cls._open_folder(hub.resolve_model(listing.repo_id, listing.commit, token=token))
 
@@ -232,8 +295,10 @@ class TaskVector(LazyStateDict):
     def _open_folder(cls, path: Path) -> TaskVector:
         reader = CheckpointReader(path)
         if reader.metadata.get("format") != TASK_VECTOR_FORMAT:
-            raise ValueError(f"{path}: not a saft_hf task vector (safetensors metadata format is "
-                             f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")  # fmt: skip
+            raise ValueError(
+                f"{path}: not a saft_hf task vector (safetensors metadata format is "
+                f"{reader.metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})"
+            )
         # The index's metadata (of a sharded vector) is read over the shards'.
         header = next((path / name for name in TASK_VECTOR_WEIGHT_FILES if (path / name).is_file()), path)
         tied = _parse_tied_weights(reader.metadata.get(TIED_WEIGHTS_FIELD) or "{}", reader, where=str(header))
@@ -247,8 +312,9 @@ class TaskVector(LazyStateDict):
             metadata[TIED_WEIGHTS_FIELD] = json.dumps(self.tied_weights, sort_keys=True)
         return metadata
 
-    def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB",
-                        progress: bool = False) -> Path:  # fmt: skip
+    def save_pretrained(
+        self, path: str | os.PathLike, *, max_shard_size: int | str = "2GB", progress: bool = False
+    ) -> Path:
         """Write ``task_vector.safetensors`` (or shards plus ``task_vector.safetensors.index.json``) into ``path``,
         one tensor at a time. Atomic: the folder appears complete or not at all.
 
@@ -260,8 +326,13 @@ class TaskVector(LazyStateDict):
         output = atomic_output_dir(path, kind="task_vector", inputs=self.source_folders, field="task vector folder")
         with output as staging:
             specs = [TensorSpec(name, self.shape(name), self.dtype(name)) for name in self]
-            with ShardedSafetensorsWriter(staging, specs, prefix=TASK_VECTOR_WEIGHTS_NAME, max_shard_size=max_shard_size,
-                                          metadata=self.header_metadata()) as writer:  # fmt: skip
+            with ShardedSafetensorsWriter(
+                staging,
+                specs,
+                prefix=TASK_VECTOR_WEIGHTS_NAME,
+                max_shard_size=max_shard_size,
+                metadata=self.header_metadata(),
+            ) as writer:
                 for name in tqdm(list(self), desc="task vector", unit="tensor", disable=not progress):
                     writer.add(name, self[name])
                 writer.close()
@@ -269,9 +340,16 @@ class TaskVector(LazyStateDict):
 
     save = save_pretrained
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-                    commit_message: str | None = None, revision: str | None = None,
-                    max_shard_size: int | str = "2GB") -> str:  # fmt: skip
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        max_shard_size: int | str = "2GB",
+    ) -> str:
         """Upload the weights and a model card to ``repo_id`` in one commit; return the commit sha.
 
         The pushed copy names local models by folder (:func:`saft_hf.hub.public_ref`) in its metadata and card,
@@ -294,12 +372,14 @@ class TaskVector(LazyStateDict):
                 f"TaskVector.save_pretrained() wrote it; retry with push_to_hub('{repo_id}')"
             )
             with hub.reporting_push_failure(repo_id, local_output):
-                return hub.push_folder(folder, repo_id, private=private, commit_message=message, token=token,
-                                       revision=revision)  # fmt: skip
+                return hub.push_folder(
+                    folder, repo_id, private=private, commit_message=message, token=token, revision=revision
+                )
 
     # ---- arithmetic ----------------------------------------------------------------------------------------
-    def _combine(self, other: TaskVector, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 symbol: str) -> TaskVector:  # fmt: skip
+    def _combine(
+        self, other: TaskVector, operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], symbol: str
+    ) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
         mine, theirs = self.metadata.get("base_fingerprint"), other.metadata.get("base_fingerprint")
@@ -317,9 +397,11 @@ class TaskVector(LazyStateDict):
             if name not in self:
                 raise ValueError(f"task vector {self.task!r} has no tensor {name!r}, which {other.task!r} has")
         tensors = ComputedStateDict(
-            list(self), lambda name: operation(self[name], other[name]), shape=self.shape,
+            list(self),
+            lambda name: operation(self[name], other[name]),
+            shape=self.shape,
             dtype=lambda name: torch.promote_types(self.dtype(name), other.dtype(name)),
-        )  # fmt: skip
+        )
         metadata = {}
         for key in METADATA_FIELDS:
             a, b = self.metadata.get(key, ""), other.metadata.get(key, "")
@@ -329,8 +411,12 @@ class TaskVector(LazyStateDict):
                 metadata[key] = a if a == b else ""
             else:
                 metadata[key] = a if a == b or not b else (b if not a else "mixed")
-        return TaskVector(tensors, metadata, {**other.tied_weights, **self.tied_weights},
-                          [*self.source_folders, *other.source_folders])
+        return TaskVector(
+            tensors,
+            metadata,
+            {**other.tied_weights, **self.tied_weights},
+            [*self.source_folders, *other.source_folders],
+        )
 
     def __add__(self, other: TaskVector) -> TaskVector:
         return self._combine(other, torch.add, "+")
@@ -342,7 +428,11 @@ class TaskVector(LazyStateDict):
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             return NotImplemented
         tensors = ComputedStateDict(list(self), lambda name: self[name] * scale, shape=self.shape, dtype=self.dtype)
-        metadata = {**self.metadata, "task": f"{scale:g}*{self.task}", "source": f"{scale:g}*{self.metadata.get('source', '')}"}
+        metadata = {
+            **self.metadata,
+            "task": f"{scale:g}*{self.task}",
+            "source": f"{scale:g}*{self.metadata.get('source', '')}",
+        }
         return TaskVector(tensors, metadata, self.tied_weights, self.source_folders)
 
     __rmul__ = __mul__
@@ -354,9 +444,17 @@ class TaskVector(LazyStateDict):
         return self * -1
 
     # ---- application ---------------------------------------------------------------------------------------
-    def apply_to(self, base: ModelLike, alpha: float = 1.0, *, allow_other_base: bool = False,
-                 revision: str | None = None, allow_pickle: bool = False, allow_nonfinite: bool = False,
-                 token: str | bool | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def apply_to(
+        self,
+        base: ModelLike,
+        alpha: float = 1.0,
+        *,
+        allow_other_base: bool = False,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
+        token: str | bool | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``base + alpha * tau`` as a full state dict (tensors the vector does not cover are the base's own).
 
         Computed in float64 and cast to each base tensor's dtype. Raises ``ValueError`` when the base's fingerprint
@@ -368,8 +466,10 @@ class TaskVector(LazyStateDict):
         label = f"base {target.label}"
         alignment = self.alignment_with(target, label=label)
         self.check_base(target.tensors, label=label, alignment=alignment, allow_other_base=allow_other_base)
-        in_vector = {**alignment.mapping, **{tie: alignment.mapping.get(source)
-                                             for tie, source in alignment.base_ties.items()}}  # fmt: skip
+        in_vector = {
+            **alignment.mapping,
+            **{tie: alignment.mapping.get(source) for tie, source in alignment.base_ties.items()},
+        }
         shared = shared_storage_aliases(target.tensors)
         result, updated = {}, {}
         for name, original in target.tensors.items():
@@ -384,9 +484,12 @@ class TaskVector(LazyStateDict):
                     check_finite(original, where=f"{label}: tensor {name!r}", advice=_KEEP_NONFINITE)
                 applied = _float64(original).add_(delta.double(), alpha=alpha).to(original.dtype)
                 if not allow_nonfinite:
-                    check_finite(applied, where=f"{label}: tensor {name!r} plus {alpha!r} times the task vector",
-                                 advice=f"alpha is out of range or the result exceeds the range of {original.dtype}; "
-                                 f"use a smaller alpha, or {_KEEP_NONFINITE}")  # fmt: skip
+                    check_finite(
+                        applied,
+                        where=f"{label}: tensor {name!r} plus {alpha!r} times the task vector",
+                        advice=f"alpha is out of range or the result exceeds the range of {original.dtype}; "
+                        f"use a smaller alpha, or {_KEEP_NONFINITE}",
+                    )
                 updated[source] = applied
             result[name] = updated[source]
         return result
@@ -416,17 +519,27 @@ class TaskVector(LazyStateDict):
                 source = declared.get(base_name, base_name)
                 if base_alias is not None and declared.get(base_alias, base_alias) == source:
                     continue  # re-tied when the base loads: no separate copy to update
-                raise ValueError(f"{field}: {alias!r} (a tied copy of {name!r}) is not a tensor of the {label}; "
-                                 "remove the entry or apply the vector to its own base")  # fmt: skip
+                raise ValueError(
+                    f"{field}: {alias!r} (a tied copy of {name!r}) is not a tensor of the {label}; "
+                    "remove the entry or apply the vector to its own base"
+                )
             shape, base_shape = list(self.shape(name)), list(tensor_shape(base, base_alias))
             if base_shape != shape:
-                raise ValueError(f"{field}: {alias!r} is a tied copy of {name!r} of shape {shape}, but the {label} has "
-                                 f"it with shape {base_shape}")  # fmt: skip
+                raise ValueError(
+                    f"{field}: {alias!r} is a tied copy of {name!r} of shape {shape}, but the {label} has "
+                    f"it with shape {base_shape}"
+                )
             ties[base_alias] = base_name
         return KeyAlignment(mapping, ties)
 
-    def check_base(self, base: Mapping[str, torch.Tensor], *, label: str, alignment: KeyAlignment | None = None,
-                   allow_other_base: bool = False) -> None:  # fmt: skip
+    def check_base(
+        self,
+        base: Mapping[str, torch.Tensor],
+        *,
+        label: str,
+        alignment: KeyAlignment | None = None,
+        allow_other_base: bool = False,
+    ) -> None:
         """Raise unless ``base`` has the fingerprint this vector was computed against (or ``allow_other_base``);
         ``alignment`` (from :meth:`alignment_with`) says how ``base`` names the vector's tensors (default: as is)."""
         expected = self.metadata.get("base_fingerprint")
@@ -488,12 +601,28 @@ def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, 
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------
 
 _LORA_PREFIX = "base_model.model."
-_LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
-                  (".lora_embedding_B", "B"))  # fmt: skip
+_LORA_SUFFIXES = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_embedding_A", "A"),
+    (".lora_embedding_B", "B"),
+)
 # adapter_config.json options under which the merged weight is not base + B @ A * scaling (or not input-independent).
-_UNSUPPORTED_LORA_OPTIONS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "layer_replication",
-                             "target_parameters", "trainable_token_indices", "megatron_config", "velora_config",
-                             "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")  # fmt: skip
+_UNSUPPORTED_LORA_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "megatron_config",
+    "velora_config",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
 
 
 def _read_adapter_config(
@@ -507,7 +636,9 @@ def _read_adapter_config(
         raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_NAME}; not a PEFT adapter folder")
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters have task vectors here")
+        raise ValueError(
+            f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters have task vectors here"
+        )
     for option in _UNSUPPORTED_LORA_OPTIONS:
         if config.get(option):
             raise ValueError(
@@ -546,7 +677,9 @@ def _lora_deltas(
                 break
         else:
             if ".lora_" in name:
-                raise ValueError(f"{weights_file}: tensor {key!r} belongs to a LoRA variant a task vector cannot express")
+                raise ValueError(
+                    f"{weights_file}: tensor {key!r} belongs to a LoRA variant a task vector cannot express"
+                )
             full[name.replace(".base_layer.", ".")] = key
 
     model = base.module()
@@ -576,18 +709,25 @@ def _lora_deltas(
             transpose = embedding or isinstance(module, Conv1D)
         delta_shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
         if delta_shape != tensor_shape(base.tensors, name):
-            raise ValueError(f"{label}: B @ A for {name!r} has shape {list(delta_shape)}, the base tensor "
-                             f"{list(tensor_shape(base.tensors, name))}")  # fmt: skip
-        plans[name] = _lora_delta(adapter_tensors, parts["A"], parts["B"], transpose, scaling,
-                                  tensor_dtype(base.tensors, name))  # fmt: skip
+            raise ValueError(
+                f"{label}: B @ A for {name!r} has shape {list(delta_shape)}, the base tensor "
+                f"{list(tensor_shape(base.tensors, name))}"
+            )
+        plans[name] = _lora_delta(
+            adapter_tensors, parts["A"], parts["B"], transpose, scaling, tensor_dtype(base.tensors, name)
+        )
     for name, key in full.items():
         if name not in base.tensors:
             raise ValueError(f"{label}: saves tensor {key!r}, but the base {base.label} has no tensor {name!r}")
         check_shapes(base.tensors, adapter_tensors, {name: key}, other_label=label)
         plans[name] = _replacement_delta(base.tensors, name, adapter_tensors, key)
     order = [name for name in base.tensors if name in plans]
-    tensors = ComputedStateDict(order, lambda name: plans[name](), shape=lambda name: tensor_shape(base.tensors, name),
-                                dtype=lambda name: tensor_dtype(base.tensors, name))  # fmt: skip
+    tensors = ComputedStateDict(
+        order,
+        lambda name: plans[name](),
+        shape=lambda name: tensor_shape(base.tensors, name),
+        dtype=lambda name: tensor_dtype(base.tensors, name),
+    )
     revision_label = hub.resolved_revision(adapter, revision, token=token)
     return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}"
 
@@ -601,8 +741,9 @@ def _submodule(model: torch.nn.Module | None, path: str) -> torch.nn.Module | No
         return None
 
 
-def _lora_delta(tensors: Mapping[str, torch.Tensor], a_key: str, b_key: str, transpose: bool, scaling: float,
-                dtype: torch.dtype) -> Callable[[], torch.Tensor]:  # fmt: skip
+def _lora_delta(
+    tensors: Mapping[str, torch.Tensor], a_key: str, b_key: str, transpose: bool, scaling: float, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
     """``B @ A * scaling`` exactly as PEFT's ``get_delta_weight`` computes it (half precision via float32 on CPU)."""
 
     def compute() -> torch.Tensor:
@@ -615,8 +756,9 @@ def _lora_delta(tensors: Mapping[str, torch.Tensor], a_key: str, b_key: str, tra
     return compute
 
 
-def _replacement_delta(base: Mapping[str, torch.Tensor], name: str, tensors: Mapping[str, torch.Tensor],
-                       key: str) -> Callable[[], torch.Tensor]:  # fmt: skip
+def _replacement_delta(
+    base: Mapping[str, torch.Tensor], name: str, tensors: Mapping[str, torch.Tensor], key: str
+) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         return _float64(tensors[key]).sub_(base[name].double()).to(tensor_dtype(base, name))
 

@@ -80,9 +80,7 @@ def build_tiny_clip_tokenizer(words: Iterable[str] | None = None) -> CLIPTokeniz
         ]
     )
     pieces = {
-        piece
-        for line in _corpus(words)
-        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+        piece for line in _corpus(words) for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     }
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     # A word's last symbol carries the `</w>` suffix: every byte needs both forms, or an unseen character would

@@ -31,7 +31,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -46,10 +46,24 @@ VALID_BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.bin", "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.model",
-        "*.npy", "*.npz", "*.pkl", "*.pickle", "*.tar.gz", "*.zip", "*tfevents*",
+        "*.bin",
+        "*.safetensors",
+        "*.pt",
+        "*.pth",
+        "*.ckpt",
+        "*.h5",
+        "*.msgpack",
+        "*.onnx",
+        "*.model",
+        "*.npy",
+        "*.npz",
+        "*.pkl",
+        "*.pickle",
+        "*.tar.gz",
+        "*.zip",
+        "*tfevents*",
     )
-)  # fmt: skip
+)
 
 
 def git_blob_id(content: bytes) -> str:
@@ -62,7 +76,7 @@ def _object_id(repo_id: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class HubError(Exception):
@@ -176,9 +190,8 @@ class HubState:
         return [
             request.query["filename"][0]
             for request in self.requests
-            if request.route == "lfs_get" and request.method == "GET"
-            and repo_id in (None, request.query["repo_id"][0])
-        ]  # fmt: skip
+            if request.route == "lfs_get" and request.method == "GET" and repo_id in (None, request.query["repo_id"][0])
+        ]
 
     def served_files(self, repo_id: str) -> set[str]:
         """Files of this repo whose content was sent to a client (regular files, or LFS files from the CDN)."""

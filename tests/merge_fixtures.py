@@ -19,10 +19,17 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)  # fmt: skip
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-            max_position_embeddings=16)  # fmt: skip
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
+TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vocab_size=64,
+    max_position_embeddings=16,
+)
 
 
 def _seeded(builder, seed: int):

@@ -112,10 +112,10 @@ def reference_training(
 ) -> ReferenceLog:
     """Train `model` in place by hand: for each optimizer step (a list of micro-batches) and each micro-batch, the
     gradient at `w` of the loss divided by the number of micro-batches (or times `scales[step][k]`, e.g. the
-    micro-batch's share of the step's label tokens for a token-weighted loss), `e` from that gradient alone, the gradient at
-    `w + e` added to the step's sum; then gradient clipping and one `torch.optim.AdamW` step. `mode="none"` is plain
-    training. `rng_states[i]` (one per micro-batch, in order) is set before both passes of micro-batch i, so dropout
-    sees the same masks in both."""
+    micro-batch's share of the step's label tokens for a token-weighted loss), `e` from that gradient alone, the
+    gradient at `w + e` added to the step's sum; then gradient clipping and one `torch.optim.AdamW` step.
+    `mode="none"` is plain training. `rng_states[i]` (one per micro-batch, in order) is set before both passes of
+    micro-batch i, so dropout sees the same masks in both."""
     named = _trainable(model)
     params = [param for _, param in named]
     adaptive = [scope == "all" or "weight" in name for name, _ in named]

@@ -14,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from recipe_loader import import_recipe
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from saft_hf.analysis import (
-    AnalysisTask,
-    GridResult,
     NOISE_SCALE_LOG_KEY,
+    AnalysisTask,
     EffectiveNoiseScaleCallback,
+    GridResult,
     add_noise_scale_logging,
     block_names,
     classification_task,
@@ -42,6 +43,7 @@ from saft_hf.analysis import (
     plot_linearity,
     plot_loss_barrier,
     plot_merge_gain_vs_noise,
+    plots,
     predictions,
     task_arithmetic_gain,
     text_to_text_task,
@@ -49,7 +51,6 @@ from saft_hf.analysis import (
 from saft_hf.analysis.suite import ANALYSES, AnalysisArguments
 from saft_hf.analysis.weights import align_to_model
 from saft_hf.parser import SaftParser
-from recipe_loader import import_recipe
 
 GRID = coefficient_grid()
 
@@ -331,8 +332,9 @@ def test_linearity_of_a_tanh_mlp_equals_a_computation_with_loaded_copies():
 
 
 def test_block_names_finds_transformer_blocks_of_t5():
-    from saft_hf.testing import tiny_t5_config
     from transformers import T5ForConditionalGeneration
+
+    from saft_hf.testing import tiny_t5_config
 
     model = T5ForConditionalGeneration(tiny_t5_config(vocab_size=64))
     assert block_names(model) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
@@ -492,16 +494,29 @@ class _SeenLogs(TrainerCallback):
 
 def _trainer(tmp_path, **overrides) -> Trainer:
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **overrides,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **overrides,
+    )
     return Trainer(model=_Regressor(), args=args, train_dataset=_Rows(64))
 
 
 def test_callback_logs_the_noise_scale_of_an_adamw_trainer_run(tmp_path):
     # lr 0.2 decays linearly to 0 over 4 steps; B = 4 per device x 2 accumulation x 1 process; beta1 = 0.8.
-    trainer = _trainer(tmp_path, learning_rate=0.2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                       adam_beta1=0.8, lr_scheduler_type="linear")  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        learning_rate=0.2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        adam_beta1=0.8,
+        lr_scheduler_type="linear",
+    )
     seen = _SeenLogs()
     trainer.add_callback(seen)
     add_noise_scale_logging(trainer)
@@ -519,8 +534,14 @@ def test_callback_logs_the_noise_scale_of_an_adamw_trainer_run(tmp_path):
 
 
 def test_callback_uses_sgd_momentum(tmp_path):
-    trainer = _trainer(tmp_path, learning_rate=0.1, per_device_train_batch_size=4, optim="sgd",
-                       optim_args="momentum=0.5", lr_scheduler_type="constant")  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        learning_rate=0.1,
+        per_device_train_batch_size=4,
+        optim="sgd",
+        optim_args="momentum=0.5",
+        lr_scheduler_type="constant",
+    )
     trainer.add_callback(EffectiveNoiseScaleCallback())
     trainer.train()
     values = [entry[NOISE_SCALE_LOG_KEY] for entry in trainer.state.log_history if "loss" in entry]
@@ -539,8 +560,9 @@ def test_adam_momentum_none_drops_beta1_but_not_sgd_momentum():
 
 
 def test_callback_with_adam_momentum_none_logs_lr_over_batch_for_adamw(tmp_path):
-    trainer = _trainer(tmp_path, learning_rate=0.2, per_device_train_batch_size=4, adam_beta1=0.8,
-                       lr_scheduler_type="constant")  # fmt: skip
+    trainer = _trainer(
+        tmp_path, learning_rate=0.2, per_device_train_batch_size=4, adam_beta1=0.8, lr_scheduler_type="constant"
+    )
     add_noise_scale_logging(trainer, adam_momentum="none")
     trainer.train()
     values = [entry[NOISE_SCALE_LOG_KEY] for entry in trainer.state.log_history if "loss" in entry]
@@ -609,13 +631,23 @@ def test_line_figures_are_pngs_that_change_with_the_data(tmp_path):
         assert image.shape[0] > 300 and image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0.1
 
 
-def test_linearity_plot_labels_layers(tmp_path):
+def test_linearity_plot_labels_layers(tmp_path, monkeypatch):
     model = Block(SquaredWeight([1.0, 0.0]))
     task = _features_task("s", model, torch.tensor([[1.0, 1.0]], dtype=torch.float64))
     taus = [{"inner.w": scalar([1.0, 0.0])}, {"inner.w": scalar([0.0, 1.0])}]
     result = cross_task_linearity([task], taus, layers=["", "inner"])
-    image = _image(plot_linearity({"SGD": result}, tmp_path / "ctl.png"))
-    assert image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0.1
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: (figures.append(figure), save(figure, path))[1])
+    _image(plot_linearity({"SGD": result}, tmp_path / "ctl.png"))
+    (axes,) = figures[0].axes
+    # One tick per layer, labelled with its name, and the plotted line is the table's E[1 - cos] per layer.
+    assert list(result.x) == ["", "inner"]
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["(model)", "inner"]
+    (line,) = axes.get_lines()
+    assert line.get_label() == "SGD"
+    np.testing.assert_allclose(line.get_ydata(), np.asarray(result.series["ctl"], dtype=float))
+    assert result.series["ctl"].min() > 0  # the squared weight is not linear in the task vectors
 
 
 # ---- real models -------------------------------------------------------------------------------------------------
@@ -670,22 +702,54 @@ def digits_runs(tmp_path_factory):
 def test_analyze_recipe_writes_tables_and_figures_for_tiny_clip_on_digits(digits_runs, tmp_path):
     analyze = import_recipe("analyze")
     root, folders = digits_runs
-    summary = analyze.main([
-        "--base", str(root / "base"), "--tasks", "digits_0to4", "digits_5to9",
-        "--family", "sgd", *folders, "--output_dir", str(tmp_path), "--max_examples", "6", "--batch_size", "6",
-        "--grid_points", "3", "--grid_range", "-0.5", "0.5", "--barrier_points", "3", "--hessian_gammas", "1",
-        "--hessian_iterations", "2",
-    ])  # fmt: skip
+    summary = analyze.main(
+        [
+            "--base",
+            str(root / "base"),
+            "--tasks",
+            "digits_0to4",
+            "digits_5to9",
+            "--family",
+            "sgd",
+            *folders,
+            "--output_dir",
+            str(tmp_path),
+            "--max_examples",
+            "6",
+            "--batch_size",
+            "6",
+            "--grid_points",
+            "3",
+            "--grid_range",
+            "-0.5",
+            "0.5",
+            "--barrier_points",
+            "3",
+            "--hessian_gammas",
+            "1",
+            "--hessian_iterations",
+            "2",
+        ]
+    )
     assert set(summary) == set(ANALYSES)
     rows = list(csv.DictReader((tmp_path / "disentanglement_pair_sgd.csv").open()))
-    assert [(float(row["alpha_1"]), float(row["alpha_2"])) for row in rows[:3]] == [(-0.5, -0.5), (-0.5, 0.0), (-0.5, 0.5)]
+    assert [(float(row["alpha_1"]), float(row["alpha_2"])) for row in rows[:3]] == [
+        (-0.5, -0.5),
+        (-0.5, 0.0),
+        (-0.5, 0.5),
+    ]
     origin = next(row for row in rows if float(row["alpha_1"]) == 0.0 and float(row["alpha_2"]) == 0.0)
     assert float(origin["xi"]) == 0.0  # theta_merge = theta_0 = both single-task models
     assert all(0.0 <= float(row["xi"]) <= 2.0 for row in rows)
     linearity = list(csv.DictReader((tmp_path / "linearity_sgd.csv").open()))
     assert [row["layer"] for row in linearity] == ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1"]
-    for figure in ("disentanglement_pair.png", "landscape_pair.png", "linearity.png", "barrier_digits_0to4.png",
-                   "hessian_digits_5to9.png"):  # fmt: skip
+    for figure in (
+        "disentanglement_pair.png",
+        "landscape_pair.png",
+        "linearity.png",
+        "barrier_digits_0to4.png",
+        "hessian_digits_5to9.png",
+    ):
         assert _image(tmp_path / figure).shape[0] > 300
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["barrier"]["numbers"]["sgd/digits_0to4/barrier"] >= 0
@@ -705,13 +769,23 @@ def test_analyze_recipe_writes_tables_and_figures_for_tiny_clip_on_digits(digits
 def test_analysis_arguments_are_checked_before_any_work(flags, message):
     with pytest.raises(ValueError, match=message):
         SaftParser(AnalysisArguments).parse_args_and_config(
-            ["--base", "b", "--tasks", "digits_0to4", "digits_5to9", "--output_dir", "out", *flags])
+            ["--base", "b", "--tasks", "digits_0to4", "digits_5to9", "--output_dir", "out", *flags]
+        )
 
 
 def test_analysis_families_come_from_a_config_file_in_order(tmp_path):
     config = tmp_path / "analysis.yaml"
-    config.write_text(yaml.safe_dump({"base": "b", "tasks": ["t1", "t2"], "output_dir": "out",
-                                      "family": [["sgd", "s1", "s2"], ["saft", "a1", "a2"]], "grid_points": "5"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": "b",
+                "tasks": ["t1", "t2"],
+                "output_dir": "out",
+                "family": [["sgd", "s1", "s2"], ["saft", "a1", "a2"]],
+                "grid_points": "5",
+            }
+        )
+    )
     args, resolved = SaftParser(AnalysisArguments).parse_args_and_config(["--config", str(config), "--pair", "1", "0"])
     assert args.families == {"sgd": ["s1", "s2"], "saft": ["a1", "a2"]}
     assert (args.pair, args.grid_points, resolved["grid_points"]) == ([1, 0], 5, 5)

@@ -64,8 +64,14 @@ def poisoned(source: Path, target: Path, values) -> Path:
 
 
 def recipe(base, models, output_dir, method="task_arithmetic", parameters=None, **extra):
-    return {"base_model": str(base), "models": [str(m) for m in models], "method": method,
-            "parameters": parameters or {}, "output_dir": str(output_dir), **extra}  # fmt: skip
+    return {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "method": method,
+        "parameters": parameters or {},
+        "output_dir": str(output_dir),
+        **extra,
+    }
 
 
 def nothing_written(tmp_path: Path, output: Path) -> bool:
@@ -111,8 +117,9 @@ def test_opt_in_merges_nonfinite_inputs_as_documented(family, tmp_path):
     base, a, b = (load_file(weights_file(folder))[NAME].double() for folder in (base_dir, first, bad))
     d_a, d_b = a - base, b - base
 
-    out = merge(recipe(base_dir, [first, bad], tmp_path / "ta", parameters={"alpha": 0.5}, allow_nonfinite=True),
-                progress=False)  # fmt: skip
+    out = merge(
+        recipe(base_dir, [first, bad], tmp_path / "ta", parameters={"alpha": 0.5}, allow_nonfinite=True), progress=False
+    )
     merged = load_file(out / "model.safetensors")[NAME]
     assert merged.dtype == torch.float32
     assert math.isnan(merged[0]) and merged[1] == INF and merged[2] == -INF  # task arithmetic propagates them
@@ -121,8 +128,10 @@ def test_opt_in_merges_nonfinite_inputs_as_documented(family, tmp_path):
 
     # TIES (density 1: nothing trimmed by rank): the NaN entry is dropped, so only the first model's delta counts
     # there; an infinite entry wins the sign election and the disjoint mean.
-    out = merge(recipe(base_dir, [first, bad], tmp_path / "ties", "ties", {"density": 1.0}, allow_nonfinite=True),
-                progress=False)  # fmt: skip
+    out = merge(
+        recipe(base_dir, [first, bad], tmp_path / "ties", "ties", {"density": 1.0}, allow_nonfinite=True),
+        progress=False,
+    )
     merged = load_file(out / "model.safetensors")[NAME]
     assert merged[0] == (base[0] + d_a[0]).float()
     assert merged[1] == INF and merged[2] == -INF
@@ -148,8 +157,10 @@ def test_huge_alpha_is_refused_naming_the_tensor_and_nothing_is_written(family, 
     with pytest.raises(NonFiniteError) as caught:
         merge(recipe(base_dir, tuned, output, parameters={"alpha": -1e300}), progress=False)
     message = str(caught.value)
-    assert message.startswith(f"output tensor '{first}' in torch.float32 has 0 NaN and {numel} Inf values; "
-                              "likely cause: method 'task_arithmetic' with parameters {'alpha': -1e+300}")  # fmt: skip
+    assert message.startswith(
+        f"output tensor '{first}' in torch.float32 has 0 NaN and {numel} Inf values; "
+        "likely cause: method 'task_arithmetic' with parameters {'alpha': -1e+300}"
+    )
     assert "narrower" not in message and "\n" not in message
     assert nothing_written(tmp_path, output)
     # the opt-in writes them
@@ -161,11 +172,14 @@ def test_float16_output_overflow_is_refused(family, tmp_path):
     base_dir, tuned = family
     big_base = poisoned(base_dir, tmp_path / "big", [1e6])  # merged: about 1e6 - 0.3 * 2e6, beyond float16's 65504
     output = tmp_path / "out"
-    with pytest.raises(NonFiniteError, match=re.escape(
-        f"output tensor '{NAME}' in torch.float16 has 0 NaN and 1 Inf values; likely cause: method "
-        "'task_arithmetic' with parameters {'alpha': 0.3} and model weights [1.0, 1.0] (e.g. a huge alpha) or the "
-        "output dtype torch.float16 (recipe field dtype), narrower than the base's torch.float32;"
-    )):  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=re.escape(
+            f"output tensor '{NAME}' in torch.float16 has 0 NaN and 1 Inf values; likely cause: method "
+            "'task_arithmetic' with parameters {'alpha': 0.3} and model weights [1.0, 1.0] (e.g. a huge alpha) or the "
+            "output dtype torch.float16 (recipe field dtype), narrower than the base's torch.float32;"
+        ),
+    ):
         merge(recipe(big_base, tuned, output, dtype="float16"), progress=False)
     assert nothing_written(tmp_path, output)
 
@@ -200,9 +214,12 @@ def test_apply_to_refuses_nonfinite_vector_values_and_results(family, tmp_path):
     base_dir, (tuned_dir, _) = family
     good = TaskVector.from_models(base_dir, tuned_dir).save(tmp_path / "tv")
     bad = poisoned(good, tmp_path / "bad", [NAN, -INF])
-    with pytest.raises(NonFiniteError, match=re.escape(
-        f"{bad / 'task_vector.safetensors'}: tensor '{NAME}' has 1 NaN and 1 Inf values; pass allow_nonfinite=True"
-    )):  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=re.escape(
+            f"{bad / 'task_vector.safetensors'}: tensor '{NAME}' has 1 NaN and 1 Inf values; pass allow_nonfinite=True"
+        ),
+    ):
         TaskVector.load(bad).apply_to(base_dir)
     applied = TaskVector.load(bad).apply_to(base_dir, allow_nonfinite=True)[NAME]
     assert math.isnan(applied[0]) and applied[1] == -INF
@@ -229,8 +246,10 @@ def test_a_vector_without_base_fingerprint_needs_allow_other_base(family, tmp_pa
             metadata["base_fingerprint"] = fingerprint
 
     rewrite(folder, edit_metadata=drop)
-    message = (f"{folder / 'task_vector.safetensors'}: metadata field base_fingerprint is missing or empty, so the "
-               "base it is applied to")  # fmt: skip
+    message = (
+        f"{folder / 'task_vector.safetensors'}: metadata field base_fingerprint is missing or empty, so the "
+        "base it is applied to"
+    )
     vector = TaskVector.load(folder)
     with pytest.raises(ValueError, match=re.escape(message) + r".*allow_other_base=True"):
         vector.apply_to(base_dir)
@@ -250,39 +269,55 @@ TIED_CASES = {
     "malformed JSON": ("{not json", "not valid JSON (Expecting property name"),
     "not an object": ("[1, 2]", "expected a JSON object of tensor name -> tensor name, got '[1, 2]'"),
     "value not a string": ('{"a.weight": 3}', "expected a JSON object of tensor name -> tensor name"),
-    "value not stored": ('{"a.weight": "nope.weight"}', "'a.weight' is a tied copy of 'nope.weight', which the "
-                         "vector does not store"),
-    "key stored itself": (json.dumps({NAME: "post_layernorm.bias"}), f"'{NAME}' is listed as a tied copy of "
-                          "'post_layernorm.bias' but is stored itself"),
-}  # fmt: skip
+    "value not stored": (
+        '{"a.weight": "nope.weight"}',
+        "'a.weight' is a tied copy of 'nope.weight', which the vector does not store",
+    ),
+    "key stored itself": (
+        json.dumps({NAME: "post_layernorm.bias"}),
+        f"'{NAME}' is listed as a tied copy of 'post_layernorm.bias' but is stored itself",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(TIED_CASES))
 def test_malformed_tied_weights_are_refused_on_load(family, tmp_path, case):
     text, message = TIED_CASES[case]
     base_dir, (tuned_dir, _) = family
-    folder = rewrite(TaskVector.from_models(base_dir, tuned_dir).save(tmp_path / "tv"),
-                     edit_metadata=lambda metadata: metadata.__setitem__("tied_weights", text))  # fmt: skip
+    folder = rewrite(
+        TaskVector.from_models(base_dir, tuned_dir).save(tmp_path / "tv"),
+        edit_metadata=lambda metadata: metadata.__setitem__("tied_weights", text),
+    )
     with pytest.raises(ValueError) as caught:
         TaskVector.load(folder)
     assert str(caught.value).startswith(f"{folder / 'task_vector.safetensors'}: metadata field tied_weights: {message}")
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("ties", "message"), [
-    ({"post_layernorm.wieght": "post_layernorm.bias"}, "'post_layernorm.wieght' (a tied copy of "
-     "'post_layernorm.bias') is not a tensor of the base"),
-    ({NAME: "embeddings.patch_embedding.weight"}, f"'{NAME}' is a tied copy of 'embeddings.patch_embedding.weight' "
-     "of shape [32, 3, 8, 8], but the base"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("ties", "message"),
+    [
+        (
+            {"post_layernorm.wieght": "post_layernorm.bias"},
+            "'post_layernorm.wieght' (a tied copy of 'post_layernorm.bias') is not a tensor of the base",
+        ),
+        (
+            {NAME: "embeddings.patch_embedding.weight"},
+            f"'{NAME}' is a tied copy of 'embeddings.patch_embedding.weight' of shape [32, 3, 8, 8], but the base",
+        ),
+    ],
+)
 def test_tied_weights_must_name_base_tensors_of_the_same_shape(family, tmp_path, ties, message):
     base_dir, (tuned_dir, _) = family
 
     def untie(tensors):  # the vector stores NAME only as a tie, as a deduplicated checkpoint would
         tensors.pop(NAME)
 
-    folder = rewrite(TaskVector.from_models(base_dir, tuned_dir).save(tmp_path / "tv"), untie,
-                     lambda metadata: metadata.__setitem__("tied_weights", json.dumps(ties)))  # fmt: skip
+    folder = rewrite(
+        TaskVector.from_models(base_dir, tuned_dir).save(tmp_path / "tv"),
+        untie,
+        lambda metadata: metadata.__setitem__("tied_weights", json.dumps(ties)),
+    )
     expected = f"{folder / 'task_vector.safetensors'}: metadata field tied_weights: {message}"
     with pytest.raises(ValueError, match=re.escape(expected)):
         TaskVector.load(folder).apply_to(base_dir, allow_other_base=True)
@@ -301,8 +336,11 @@ def test_tied_names_a_saved_base_stores_once_are_accepted(tmp_path):
     applied = TaskVector.load(folder).apply_to(base_dir)
     assert torch.equal(applied["shared.weight"], tuned.state_dict()["shared.weight"])
     rewrite(folder, edit_metadata=lambda m: m.__setitem__("tied_weights", '{"lm_haed.weight": "shared.weight"}'))
-    with pytest.raises(ValueError, match=r"tied_weights: 'lm_haed\.weight' \(a tied copy of 'shared\.weight'\) is "
-                       "not a tensor of the base"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"tied_weights: 'lm_haed\.weight' \(a tied copy of 'shared\.weight'\) is "
+        "not a tensor of the base",
+    ):
         TaskVector.load(folder).apply_to(base_dir)
 
 

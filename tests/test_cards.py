@@ -107,8 +107,9 @@ def test_merged_card_of_local_inputs_has_no_hub_lineage(tmp_path):
 
     assert card.data.base_model is None and card.data.to_dict().get("base_model_relation") is None
     # A local input is shown by folder name, marked local: never its absolute path, never as a Hub id.
-    assert body_table(card, "| role | model | revision | weight |") == [["base", f"{tmp_path.name} (local folder)",
-                                                                         "—", "—"]]  # fmt: skip
+    assert body_table(card, "| role | model | revision | weight |") == [
+        ["base", f"{tmp_path.name} (local folder)", "—", "—"]
+    ]
     assert str(tmp_path) not in card.text.split("## Recipe")[0]
     assert "## Coefficient search" not in card.text and "Per-tensor overrides" not in card.text
     assert 'from_pretrained("merged/clip-ties")' in card.text
@@ -182,7 +183,7 @@ def test_finetune_card_of_a_lora_adapter_with_a_local_dataset(tmp_path, local):
     assert card.data.tags == ["saft_hf", "sharpness-aware-minimization", "sam", "lora", "extra"]
     assert card.data.license == "apache-2.0"
     assert "# rte-lora" in card.text.splitlines()
-    assert "AutoPeftModel.from_pretrained(\"me/rte-lora\")" in card.text
+    assert 'AutoPeftModel.from_pretrained("me/rte-lora")' in card.text
     if local:
         assert card.data.datasets is None and str(tmp_path) not in str(card)
         assert "on the my-rte (local folder) dataset" in card.text
@@ -303,9 +304,13 @@ def test_templates_ship_in_the_wheel(tmp_path):
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     module_file, *relations = result.stdout.split()
     assert Path(module_file).is_relative_to(site) and not (site / "model_cards").exists()
     assert relations == ["finetune", "adapter", "merge"]

@@ -21,8 +21,19 @@ def clip_dir(tmp_path_factory):
 
 def test_table_row_and_json_are_the_scores(clip_dir, tmp_path, capsys):
     output = tmp_path / "scores" / "tiny.json"
-    argv = ["evaluate", str(clip_dir), "--task", TASKS[0], "--task", TASKS[1], "--max_samples", "40", "--output",
-            str(output), "--no_progress"]  # fmt: skip
+    argv = [
+        "evaluate",
+        str(clip_dir),
+        "--task",
+        TASKS[0],
+        "--task",
+        TASKS[1],
+        "--max_samples",
+        "40",
+        "--output",
+        str(output),
+        "--no_progress",
+    ]
     assert cli_main(argv) == 0
     expected = {task: evaluate_model(clip_dir, task, "test", max_samples=40, progress=False) for task in TASKS}
     accuracies = [100 * expected[task]["accuracy"] for task in TASKS]
@@ -50,10 +61,12 @@ def test_table_row_and_json_are_the_scores(clip_dir, tmp_path, capsys):
         (["--task", "digits", "--task", "digits"], "--task: each task once, got ['digits', 'digits']"),
         (["--task", "digits", "--split", "dev"], "--split must be one of train, validation, test, got 'dev'"),
         (["--task", "digits", "--dataset_path", "digits"], "--dataset_path 'digits': expected TASK=PATH"),
-        (["--task", "digits", "--dataset_path", "cola=/data"],
-         "--dataset_path 'cola=/data': task 'cola' is not one of the --task options ['digits']"),
+        (
+            ["--task", "digits", "--dataset_path", "cola=/data"],
+            "--dataset_path 'cola=/data': task 'cola' is not one of the --task options ['digits']",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_options_fail_in_one_line_before_loading(tmp_path, capsys, options, message):
     # The model does not exist: every error here must come before it is looked at.
     assert cli_main(["evaluate", str(tmp_path / "no_model"), *options]) == 1

@@ -40,8 +40,10 @@ def _expected_digits_splits():
     test, rest = order[:360], order[360:]
     order = np.random.default_rng(0).permutation(len(rest))
     validation, train = rest[order[:144]], rest[order[144:]]
-    return {name: (pixels[index], digits.target[index]) for name, index in
-            (("train", train), ("validation", validation), ("test", test))}
+    return {
+        name: (pixels[index], digits.target[index])
+        for name, index in (("train", train), ("validation", validation), ("test", test))
+    }
 
 
 def test_digits_splits_follow_the_protocol():
@@ -116,8 +118,13 @@ def test_unknown_task_names_the_registered_ones():
 @pytest.mark.parametrize(
     "name, hub_id, configuration, num_classes, known",
     [
-        ("cars", "tanganke/stanford_cars", None, 196,
-         {0: "AM General Hummer SUV 2000", 99: "FIAT 500 Convertible 2012", 195: "smart fortwo Convertible 2012"}),
+        (
+            "cars",
+            "tanganke/stanford_cars",
+            None,
+            196,
+            {0: "AM General Hummer SUV 2000", 99: "FIAT 500 Convertible 2012", 195: "smart fortwo Convertible 2012"},
+        ),
         ("dtd", "tanganke/dtd", None, 47, {0: "banded", 30: "polka-dotted", 46: "zigzagged"}),
         ("eurosat", "tanganke/eurosat", None, 10, {0: "annual crop land", 9: "lake or sea"}),
         ("gtsrb", "tanganke/gtsrb", None, 43, {0: "red and white circle 20 kph speed limit", 14: "stop"}),
@@ -302,7 +309,7 @@ def test_cached_digits_inputs_are_bit_identical_to_the_on_the_fly_transform():
         prepared = which.prepare(splits, processor)
         torch.manual_seed(0)
         order = torch.randperm(len(prepared["train"])).tolist()
-        batches[name] = [prepared["train"][order[i:i + 32]]["pixel_values"] for i in range(0, 320, 32)]
+        batches[name] = [prepared["train"][order[i : i + 32]]["pixel_values"] for i in range(0, 320, 32)]
         batches[name] += [prepared[split][:]["pixel_values"] for split in ("validation", "test")]
         assert prepared["train"][:2]["labels"].tolist() == splits["train"][:2]["label"]
     for name in ("cached, cold", "cached, warm"):
@@ -349,28 +356,68 @@ def test_text_task_loads_local_glue_copy_and_tokenizes_label_words(glue_like):
 
 # One GLUE-shaped row per task (the columns of `nyu-mll/glue`), the input the model must read, and its label word.
 _GLUE_CASES = [
-    ("cola", {"sentence": "The book was read."}, 1,
-     "Is this sentence grammatically acceptable or unacceptable? Sentence: The book was read.", "acceptable"),
-    ("mnli", {"premise": "A man sleeps.", "hypothesis": "A man is awake."}, 2,
-     "Does the premise entail the hypothesis, contradict it, or neither? Answer entailment, neutral or "
-     "contradiction. Premise: A man sleeps. Hypothesis: A man is awake.", "contradiction"),
-    ("mrpc", {"sentence1": "He left.", "sentence2": "He went away."}, 1,
-     "Do these two sentences mean the same thing? Answer equivalent or not_equivalent. "
-     "Sentence 1: He left. Sentence 2: He went away.", "equivalent"),
-    ("qnli", {"question": "Who wrote it?", "sentence": "It rained."}, 1,
-     "Does the sentence contain the answer to the question? Answer entailment or not_entailment. "
-     "Question: Who wrote it? Sentence: It rained.", "not_entailment"),
-    ("qqp", {"question1": "How to cook?", "question2": "How do I cook?"}, 1,
-     "Do these two questions ask the same thing? Answer duplicate or not_duplicate. "
-     "Question 1: How to cook? Question 2: How do I cook?", "duplicate"),
-    ("rte", {"sentence1": "Cats purr.", "sentence2": "Cats make sounds."}, 0,
-     "Does the premise entail the hypothesis? Answer entailment or not_entailment. "
-     "Premise: Cats purr. Hypothesis: Cats make sounds.", "entailment"),
-    ("sst2", {"sentence": "a wonderful film"}, 1,
-     "Is the sentiment of this sentence positive or negative? Sentence: a wonderful film", "positive"),
-    ("stsb", {"sentence1": "A dog runs.", "sentence2": "A dog is running."}, 4.6,
-     "How similar are these two sentences, from 0 (unrelated) to 5 (same meaning)? "
-     "Sentence 1: A dog runs. Sentence 2: A dog is running.", "5"),
+    (
+        "cola",
+        {"sentence": "The book was read."},
+        1,
+        "Is this sentence grammatically acceptable or unacceptable? Sentence: The book was read.",
+        "acceptable",
+    ),
+    (
+        "mnli",
+        {"premise": "A man sleeps.", "hypothesis": "A man is awake."},
+        2,
+        "Does the premise entail the hypothesis, contradict it, or neither? Answer entailment, neutral or "
+        "contradiction. Premise: A man sleeps. Hypothesis: A man is awake.",
+        "contradiction",
+    ),
+    (
+        "mrpc",
+        {"sentence1": "He left.", "sentence2": "He went away."},
+        1,
+        "Do these two sentences mean the same thing? Answer equivalent or not_equivalent. "
+        "Sentence 1: He left. Sentence 2: He went away.",
+        "equivalent",
+    ),
+    (
+        "qnli",
+        {"question": "Who wrote it?", "sentence": "It rained."},
+        1,
+        "Does the sentence contain the answer to the question? Answer entailment or not_entailment. "
+        "Question: Who wrote it? Sentence: It rained.",
+        "not_entailment",
+    ),
+    (
+        "qqp",
+        {"question1": "How to cook?", "question2": "How do I cook?"},
+        1,
+        "Do these two questions ask the same thing? Answer duplicate or not_duplicate. "
+        "Question 1: How to cook? Question 2: How do I cook?",
+        "duplicate",
+    ),
+    (
+        "rte",
+        {"sentence1": "Cats purr.", "sentence2": "Cats make sounds."},
+        0,
+        "Does the premise entail the hypothesis? Answer entailment or not_entailment. "
+        "Premise: Cats purr. Hypothesis: Cats make sounds.",
+        "entailment",
+    ),
+    (
+        "sst2",
+        {"sentence": "a wonderful film"},
+        1,
+        "Is the sentiment of this sentence positive or negative? Sentence: a wonderful film",
+        "positive",
+    ),
+    (
+        "stsb",
+        {"sentence1": "A dog runs.", "sentence2": "A dog is running."},
+        4.6,
+        "How similar are these two sentences, from 0 (unrelated) to 5 (same meaning)? "
+        "Sentence 1: A dog runs. Sentence 2: A dog is running.",
+        "5",
+    ),
 ]
 
 
@@ -379,9 +426,16 @@ def test_glue_tasks_format_local_glue_rows(tmp_path, name, columns, label, expec
     task = get_task(name)
     test_split = "validation_matched" if name == "mnli" else "validation"
     rows = {column: [value] * 10 for column, value in columns.items()} | {"label": [label] * 10, "idx": [*range(10)]}
-    data = Dataset.from_dict(rows, features=Features(
-        {**{column: Value("string") for column in columns},
-         "label": Value("float32") if name == "stsb" else Value("int64"), "idx": Value("int32")}))  # fmt: skip
+    data = Dataset.from_dict(
+        rows,
+        features=Features(
+            {
+                **{column: Value("string") for column in columns},
+                "label": Value("float32") if name == "stsb" else Value("int64"),
+                "idx": Value("int32"),
+            }
+        ),
+    )
     DatasetDict({"train": data, test_split: data.select(range(4))}).save_to_disk(tmp_path / name)
     splits = task.load(str(tmp_path / name))
     assert {split: len(rows) for split, rows in splits.items()} == {"train": 9, "validation": 1, "test": 4}
@@ -399,7 +453,11 @@ def test_glue_label_words_and_secondary_metrics():
     assert get_task("rte").label_words == ("entailment", "not_entailment")
     assert get_task("sst2").label_words == ("negative", "positive")
     assert {name: get_task(name).metrics for name in ("cola", "mrpc", "qqp", "sst2")} == {
-        "cola": ("matthews_correlation",), "mrpc": ("f1",), "qqp": ("f1",), "sst2": ()}
+        "cola": ("matthews_correlation",),
+        "mrpc": ("f1",),
+        "qqp": ("f1",),
+        "sst2": (),
+    }
 
 
 @pytest.mark.parametrize(

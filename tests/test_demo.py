@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from recipe_loader import RECIPES, import_recipe
 from safetensors.torch import load_file
 
 from saft_hf.data import get_task, load_digits_splits
@@ -20,7 +21,6 @@ from saft_hf.experiments.demo import (
     register_demo_tasks,
 )
 from saft_hf.experiments.study import SMOOTHED
-from recipe_loader import RECIPES, import_recipe
 
 register_demo_tasks()
 
@@ -40,9 +40,13 @@ def test_pretraining_and_task_training_images_are_disjoint_halves_of_the_train_s
 
 @pytest.mark.parametrize(
     "task, class_of_digit",
-    [("demo_0to4", {d: d for d in range(5)}), ("demo_5to9", {d: d - 5 for d in range(5, 10)}),
-     ("demo_parity", {d: d % 2 for d in range(10)}), ("demo_small_large", {d: int(d >= 5) for d in range(10)})],
-)  # fmt: skip
+    [
+        ("demo_0to4", {d: d for d in range(5)}),
+        ("demo_5to9", {d: d - 5 for d in range(5, 10)}),
+        ("demo_parity", {d: d % 2 for d in range(10)}),
+        ("demo_small_large", {d: int(d >= 5) for d in range(10)}),
+    ],
+)
 def test_demo_tasks_relabel_the_shared_test_split(task, class_of_digit):
     digits = load_digits_splits()["test"]
     expected = [class_of_digit[d] for d in digits["label"] if d in class_of_digit]
@@ -83,8 +87,21 @@ def test_two_seed_demo_study_end_to_end_prints_progress_and_tables_but_no_raw_lo
     config_path.write_text(yaml.safe_dump(config))
     demo = import_recipe("demo")
     out = tmp_path / "out"
-    summary = demo.main(["--output_dir", str(out), "--config", str(config_path), "--quick", "--seeds", "2",
-                         "--processes", "1", "--heatmap_examples", "16"])  # fmt: skip
+    summary = demo.main(
+        [
+            "--output_dir",
+            str(out),
+            "--config",
+            str(config_path),
+            "--quick",
+            "--seeds",
+            "2",
+            "--processes",
+            "1",
+            "--heatmap_examples",
+            "16",
+        ]
+    )
     captured = capfd.readouterr()
     console = captured.out + captured.err
 
@@ -98,10 +115,15 @@ def test_two_seed_demo_study_end_to_end_prints_progress_and_tables_but_no_raw_lo
 
     assert summary["seeds"] == [0, 1] and summary["baseline"] == "sgd"
     rows = {(r["method"], r["setting"], r["family"]): r for r in summary["rows"]}
-    assert set(rows) == {("fine-tuned", "", "sgd"), ("fine-tuned", "", "saft"), ("task_arithmetic", "searched", "sgd"),
-                         ("task_arithmetic", "searched", "saft"), ("ties", "searched", "sgd"),
-                         ("ties", "searched", "saft"), *((method, SMOOTHED, family) for method in ("task_arithmetic",
-                         "ties") for family in ("sgd", "saft"))}  # fmt: skip
+    assert set(rows) == {
+        ("fine-tuned", "", "sgd"),
+        ("fine-tuned", "", "saft"),
+        ("task_arithmetic", "searched", "sgd"),
+        ("task_arithmetic", "searched", "saft"),
+        ("ties", "searched", "sgd"),
+        ("ties", "searched", "saft"),
+        *((method, SMOOTHED, family) for method in ("task_arithmetic", "ties") for family in ("sgd", "saft")),
+    }
     # A one-value grid has no neighbours: its smoothed row is the searched one.
     assert rows[("ties", SMOOTHED, "saft")]["merged"] == rows[("ties", "searched", "saft")]["merged"]
     # The recorded budget is the fine-tunes' (--quick: 10 steps), the same for both families.
@@ -112,7 +134,7 @@ def test_two_seed_demo_study_end_to_end_prints_progress_and_tables_but_no_raw_lo
     for seed in (0, 1):
         scores = json.loads((out / f"seed_{seed}" / "scores.json").read_text())
 
-        def average(family):
+        def average(family, scores=scores):
             values = [s["accuracy"] for s in scores if (s["family"], s["method"]) == (family, "task_arithmetic")]
             return 100 * sum(values) / len(values)
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from datasets import Dataset
 from digits_clip import digits_trained_clip
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -183,10 +183,16 @@ def test_max_samples_and_registered_splits(clip_dir, processor):
     "task_name, generated, labels",
     [
         ("sst2", ["positive", " Negative", "POSITIVE ", "neutral", "negative"], [1, 0, 0, 1, 0]),
-        ("cola", ["acceptable", "unacceptable", "acceptable", "yes", "acceptable", "unacceptable", "Acceptable"],
-         [1, 0, 0, 1, 1, 1, 1]),
-        ("mrpc", ["equivalent", "not_equivalent", "equivalent", "equivalent", "entailment", "not_equivalent"],
-         [1, 0, 0, 1, 1, 1]),
+        (
+            "cola",
+            ["acceptable", "unacceptable", "acceptable", "yes", "acceptable", "unacceptable", "Acceptable"],
+            [1, 0, 0, 1, 1, 1, 1],
+        ),
+        (
+            "mrpc",
+            ["equivalent", "not_equivalent", "equivalent", "equivalent", "entailment", "not_equivalent"],
+            [1, 0, 0, 1, 1, 1],
+        ),
         ("qqp", ["duplicate", "duplicate", "not_duplicate", "no"], [1, 0, 1, 1]),
     ],
 )
@@ -208,8 +214,11 @@ def test_text_metrics_equal_scikit_learn(task_name, generated, labels):
 
 def test_text_metrics_hand_values():
     # MRPC: TP = 2 (rows 0, 3), FP = 1 (row 2), FN = 2 (rows 4, 5): F1 = 4 / (4 + 3) = 4/7.
-    result = score_label_words(get_task("mrpc"), ["equivalent", "not_equivalent", "equivalent", "equivalent",
-                                                  "entailment", "not_equivalent"], [1, 0, 0, 1, 1, 1])
+    result = score_label_words(
+        get_task("mrpc"),
+        ["equivalent", "not_equivalent", "equivalent", "equivalent", "entailment", "not_equivalent"],
+        [1, 0, 0, 1, 1, 1],
+    )
     assert result == pytest.approx({"accuracy": 3 / 6, "off_label_fraction": 1 / 6, "f1": 4 / 7})
 
 
@@ -273,11 +282,16 @@ def sentiment():
     model, tokenizer = build_tiny_t5(seed=0)
     rng = random.Random(0)
     words = "the movie was great and acting wonderful a terrible film boring far too long this is good".split()
-    rows = Dataset.from_dict({"sentence": [" ".join(rng.choice(words) for _ in range(6)) for _ in range(24)],
-                              "label": [rng.randrange(2) for _ in range(24)]})  # fmt: skip
+    rows = Dataset.from_dict(
+        {
+            "sentence": [" ".join(rng.choice(words) for _ in range(6)) for _ in range(24)],
+            "label": [rng.randrange(2) for _ in range(24)],
+        }
+    )
     inputs = tokenizer(SST2.format_inputs(rows[:]), padding=True, return_tensors="pt")
-    labels = tokenizer(text_target=[SST2.label_words[label] for label in rows["label"]], padding=True,
-                       return_tensors="pt")["input_ids"]  # fmt: skip
+    labels = tokenizer(
+        text_target=[SST2.label_words[label] for label in rows["label"]], padding=True, return_tensors="pt"
+    )["input_ids"]
     labels[labels == tokenizer.pad_token_id] = -100
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
@@ -301,7 +315,7 @@ def _hand_linearised_texts(base_model, weights, tokenizer, texts, max_new_tokens
     gaps = []
     for _ in range(max_new_tokens):
 
-        def last_logits(*params):
+        def last_logits(*params, ids=ids):
             kwargs = {**batch, "decoder_input_ids": ids, "use_cache": False}
             return functional_call(model, dict(zip(base, params)), args=(), kwargs=kwargs).logits[:, -1]
 
@@ -345,5 +359,12 @@ def test_finetune_mode_of_a_state_dict_is_checked(tmp_path, sentiment):
     with pytest.raises(ValueError, match="finetune_mode='ftts' describes the weights of state_dict, and none was"):
         evaluate_model(model, SST2, data=rows, processor=tokenizer, finetune_mode="ftts", progress=False)
     with pytest.raises(ValueError, match="finetune_mode must be one of .* got 'linear'"):
-        evaluate_model(model, SST2, data=rows, processor=tokenizer, state_dict=model.state_dict(),
-                       finetune_mode="linear", progress=False)  # fmt: skip
+        evaluate_model(
+            model,
+            SST2,
+            data=rows,
+            processor=tokenizer,
+            state_dict=model.state_dict(),
+            finetune_mode="linear",
+            progress=False,
+        )

@@ -10,17 +10,25 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from safetensors.torch import load_file
 from recipe_loader import RECIPES, import_recipe
+from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from saft_hf.evaluation import evaluate_model
-from saft_hf.experiments import FINETUNED, PRETRAINED, ExperimentConfig, Family, Score, normalized_accuracy, summary_rows
-from saft_hf.experiments import pipeline
+from saft_hf.experiments import (
+    FINETUNED,
+    PRETRAINED,
+    ExperimentConfig,
+    Family,
+    Score,
+    normalized_accuracy,
+    pipeline,
+    summary_rows,
+)
 from saft_hf.experiments.pipeline import finetune_argv, is_finetuned
+from saft_hf.experiments.tables import to_markdown
 from saft_hf.finetuning import parse_finetune_args
 from saft_hf.finetuning import run as run_finetune
-from saft_hf.experiments.tables import to_markdown
 from saft_hf.task_vectors import TaskVector
 from saft_hf.testing import save_tiny_clip, save_tiny_t5
 
@@ -32,12 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _scores():
     return [
-        Score("", PRETRAINED, "", "a", 0.5), Score("", PRETRAINED, "", "b", 0.25),
-        Score("sgd", FINETUNED, "", "a", 0.8), Score("sgd", FINETUNED, "", "b", 0.5),
-        Score("saft", FINETUNED, "", "a", 0.9), Score("saft", FINETUNED, "", "b", 0.4),
-        Score("sgd", "task_arithmetic", "searched", "a", 0.6), Score("sgd", "task_arithmetic", "searched", "b", 0.45),
-        Score("saft", "task_arithmetic", "searched", "a", 0.72), Score("saft", "task_arithmetic", "searched", "b", 0.4),
-    ]  # fmt: skip
+        Score("", PRETRAINED, "", "a", 0.5),
+        Score("", PRETRAINED, "", "b", 0.25),
+        Score("sgd", FINETUNED, "", "a", 0.8),
+        Score("sgd", FINETUNED, "", "b", 0.5),
+        Score("saft", FINETUNED, "", "a", 0.9),
+        Score("saft", FINETUNED, "", "b", 0.4),
+        Score("sgd", "task_arithmetic", "searched", "a", 0.6),
+        Score("sgd", "task_arithmetic", "searched", "b", 0.45),
+        Score("saft", "task_arithmetic", "searched", "a", 0.72),
+        Score("saft", "task_arithmetic", "searched", "b", 0.4),
+    ]
 
 
 def test_normalized_accuracy_divides_by_the_same_family_and_tasks_own_finetune():
@@ -86,8 +99,12 @@ def test_summary_rows_name_a_missing_task():
     ],
 )
 def test_config_errors_name_the_field(tmp_path, values, message):
-    base = {"base_model": "m", "tasks": ["a", "b"], "families": [{"name": "sgd", "sam_mode": "none"}],
-            "output_dir": str(tmp_path)}  # fmt: skip
+    base = {
+        "base_model": "m",
+        "tasks": ["a", "b"],
+        "families": [{"name": "sgd", "sam_mode": "none"}],
+        "output_dir": str(tmp_path),
+    }
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(base | values))
     with pytest.raises((ValueError, KeyError), match=message):
@@ -102,20 +119,29 @@ def test_shipped_configs_hold_the_paper_settings():
     assert sgd.finetuned_model("cars") == "tanganke/clip-vit-base-patch32_stanford-cars"
     assert sgd.finetuned_model("dtd") == "tanganke/clip-vit-base-patch32_dtd"
     glue = ExperimentConfig.from_yaml(RECIPES / "configs" / "glue_t2t.yaml")
-    assert (glue.base_model, glue.tasks, glue.merge_methods) == ("google/flan-t5-base", ["cola", "mrpc", "rte", "sst2"],
-                                                                ["task_arithmetic"])  # fmt: skip
+    assert (glue.base_model, glue.tasks, glue.merge_methods) == (
+        "google/flan-t5-base",
+        ["cola", "mrpc", "rte", "sst2"],
+        ["task_arithmetic"],
+    )
     argv = finetune_argv(glue, glue.families[1], "rte", Path("out"))
     assert Path(argv[0].removeprefix("--config=")) == RECIPES / "configs" / "flan_t5_base.yaml"
     _, data_args, training_args, _ = parse_finetune_args(argv + ["--bf16", "false"])  # this machine has no GPU
     assert (data_args.task, training_args.sam_mode, training_args.learning_rate, training_args.max_steps) == (
-        "rte", "asam", 1e-5, 8000)
+        "rte",
+        "asam",
+        1e-5,
+        8000,
+    )
 
 
 # ---- vision8 end to end, resumable ---------------------------------------------------------------------------------
 
-TINY_FINETUNE = ("--max_steps 4 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 3e-3 "
-                 "--eval_strategy no --save_strategy no --load_best_model_at_end false --bf16 false "
-                 "--dataloader_num_workers 0 --use_cpu true --logging_steps 2 --disable_tqdm true")  # fmt: skip
+TINY_FINETUNE = (
+    "--max_steps 4 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 3e-3 "
+    "--eval_strategy no --save_strategy no --load_best_model_at_end false --bf16 false "
+    "--dataloader_num_workers 0 --use_cpu true --logging_steps 2 --disable_tqdm true"
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,18 +159,34 @@ def vision_run(tmp_path_factory):
         clip.vision_model.save_pretrained(root / f"public_{task_id}")  # saved as a CLIPVisionModel folder
     config = yaml.safe_load((RECIPES / "configs" / "vision8.yaml").read_text())
     config["families"] = [
-        {"name": "sgd", "sam_mode": "none", "finetuned": str(root / "public_{task}"),
-         "task_ids": {"digits_0to4": "low", "digits_5to9": "high"}},
+        {
+            "name": "sgd",
+            "sam_mode": "none",
+            "finetuned": str(root / "public_{task}"),
+            "task_ids": {"digits_0to4": "low", "digits_5to9": "high"},
+        },
         {"name": "saft", "sam_mode": "asam"},
-    ]  # fmt: skip
+    ]
     config["search_grid"] = {"task_arithmetic": {"alpha": [0.3, 1.0]}, "ties": {"alpha": [1.0], "density": [0.2, 0.5]}}
     config["finetune_configs"] = [str(RECIPES / "configs" / "clip_vit_b32.yaml")]
     config_path = root / "vision8.yaml"
     config_path.write_text(yaml.safe_dump(config))
     vision8 = import_recipe("vision8")
-    argv = ["--config", str(config_path), "--base_model", str(base), "--output_dir", str(root / "out"),
-            "--tasks", "digits_0to4", "digits_5to9", "--eval_max_samples", "48",
-            "--finetune_args", TINY_FINETUNE + " --torch_num_threads 1"]  # fmt: skip
+    argv = [
+        "--config",
+        str(config_path),
+        "--base_model",
+        str(base),
+        "--output_dir",
+        str(root / "out"),
+        "--tasks",
+        "digits_0to4",
+        "digits_5to9",
+        "--eval_max_samples",
+        "48",
+        "--finetune_args",
+        TINY_FINETUNE + " --torch_num_threads 1",
+    ]
     calls = []
 
     def counting_finetune(args):
@@ -173,10 +215,17 @@ def test_vision8_tables_have_every_method_setting_and_family(vision_run):
     assert set(result.tables) == {"table_merged_searched", "table_merged_alpha0.4"}
     searched = (root / "out" / "table_merged_searched.csv").read_text().splitlines()
     keys = [tuple(line.split(",")[:3]) for line in searched[1:]]
-    assert keys == [("pre-trained", "", ""), ("fine-tuned", "", "sgd"), ("fine-tuned", "", "saft"),
-                    ("weight_average", "-", "sgd"), ("task_arithmetic", "searched", "sgd"), ("ties", "searched", "sgd"),
-                    ("weight_average", "-", "saft"), ("task_arithmetic", "searched", "saft"),
-                    ("ties", "searched", "saft")]  # fmt: skip
+    assert keys == [
+        ("pre-trained", "", ""),
+        ("fine-tuned", "", "sgd"),
+        ("fine-tuned", "", "saft"),
+        ("weight_average", "-", "sgd"),
+        ("task_arithmetic", "searched", "sgd"),
+        ("ties", "searched", "sgd"),
+        ("weight_average", "-", "saft"),
+        ("task_arithmetic", "searched", "saft"),
+        ("ties", "searched", "saft"),
+    ]
     fixed = (root / "out" / "table_merged_alpha0.4.csv").read_text()
     assert "task_arithmetic,alpha=0.4,saft" in fixed and "ties,alpha=0.4,sgd" in fixed
 
@@ -184,7 +233,10 @@ def test_vision8_tables_have_every_method_setting_and_family(vision_run):
 @pytest.mark.slow
 def test_vision8_scores_equal_evaluate_model_on_the_written_folders(vision_run):
     root, base, _, _, result, _ = vision_run
-    scores = {(s["family"], s["method"], s["setting"], s["task"]): s for s in json.loads((root / "out" / "scores.json").read_text())}
+    scores = {
+        (s["family"], s["method"], s["setting"], s["task"]): s
+        for s in json.loads((root / "out" / "scores.json").read_text())
+    }
     options = dict(max_samples=48, progress=False, base=str(base))
     merged = result.merged[("saft", "ties", "searched")]
     recipe = yaml.safe_load((merged / "merge_config.yaml").read_text())
@@ -221,7 +273,11 @@ def test_vision8_rerun_trains_merges_and_scores_nothing_and_writes_the_same_tabl
     monkeypatch.setattr("saft_hf.experiments.pipeline.search_coefficients", no_scoring)
     again = _run_with(vision8, argv, no_training)
     assert {stem: path.read_text() for stem, path in again.tables.items()} == tables
-    changed = [str(p) for p, mtime in before.items() if p.exists() and p.stat().st_mtime_ns != mtime and p.name != "scores.json"]
+    changed = [
+        str(p)
+        for p, mtime in before.items()
+        if p.exists() and p.stat().st_mtime_ns != mtime and p.name != "scores.json"
+    ]
     assert changed == []
     assert is_finetuned(out / "finetuned" / "saft" / "digits_0to4")
 
@@ -245,11 +301,16 @@ def test_a_lora_family_runs_through_the_pipeline_and_the_study(tmp_path):
     tasks = ["digits_0to4", "digits_5to9"]
     lora_flags = ["--lora_r", "4", "--lora_alpha", "8", "--max_train_samples", "64"]
     config = ExperimentConfig(
-        base_model=str(base), tasks=tasks, output_dir=str(tmp_path / "out"),
+        base_model=str(base),
+        tasks=tasks,
+        output_dir=str(tmp_path / "out"),
         families=[Family("lora", sam_mode="none", finetune_mode="lora", finetune_args=lora_flags)],
-        finetune_args=TINY_FINETUNE.replace("3e-3", "3e-2").split(), merge_methods=["task_arithmetic"],
-        fixed_alpha=0.4, search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}}, eval_max_samples=24,
-    )  # fmt: skip
+        finetune_args=TINY_FINETUNE.replace("3e-3", "3e-2").split(),
+        merge_methods=["task_arithmetic"],
+        fixed_alpha=0.4,
+        search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}},
+        eval_max_samples=24,
+    )
     result = run_experiment(config, quiet=True)
     out = tmp_path / "out"
     base_state = load_file(base / "model.safetensors")
@@ -304,7 +365,9 @@ def test_a_lora_family_runs_through_the_pipeline_and_the_study(tmp_path):
 def _glue_folder(root: Path, columns: dict, n_train: int, n_test: int) -> Path:
     root.mkdir(parents=True)
     Dataset.from_dict({k: v[:n_train] for k, v in columns.items()}).to_parquet(root / "train.parquet")
-    Dataset.from_dict({k: v[n_train:n_train + n_test] for k, v in columns.items()}).to_parquet(root / "validation.parquet")
+    Dataset.from_dict({k: v[n_train : n_train + n_test] for k, v in columns.items()}).to_parquet(
+        root / "validation.parquet"
+    )
     return root
 
 
@@ -312,30 +375,75 @@ def _glue_folder(root: Path, columns: dict, n_train: int, n_test: int) -> Path:
 def test_glue_t2t_end_to_end_on_tiny_t5_with_label_word_confusion(tmp_path, capsys):
     n = 60
     labels = [i % 2 for i in range(n)]
-    sst2 = _glue_folder(tmp_path / "sst2", {"sentence": [["a terrible film", "the movie was great"][y] for y in labels],
-                                            "label": labels, "idx": list(range(n))}, 48, 12)  # fmt: skip
-    rte = _glue_folder(tmp_path / "rte", {"sentence1": ["the movie was great"] * n,
-                                          "sentence2": [["it was good", "it was terrible"][y] for y in labels],
-                                          "label": labels, "idx": list(range(n))}, 48, 12)  # fmt: skip
+    sst2 = _glue_folder(
+        tmp_path / "sst2",
+        {
+            "sentence": [["a terrible film", "the movie was great"][y] for y in labels],
+            "label": labels,
+            "idx": list(range(n)),
+        },
+        48,
+        12,
+    )
+    rte = _glue_folder(
+        tmp_path / "rte",
+        {
+            "sentence1": ["the movie was great"] * n,
+            "sentence2": [["it was good", "it was terrible"][y] for y in labels],
+            "label": labels,
+            "idx": list(range(n)),
+        },
+        48,
+        12,
+    )
     base = save_tiny_t5(tmp_path / "t5", seed=0)
     config = yaml.safe_load((RECIPES / "configs" / "glue_t2t.yaml").read_text())
-    config["families"] = [config["families"][0], config["families"][1],
-                          {"name": "ftts", "sam_mode": "none", "finetune_mode": "ftts"}]  # fmt: skip
+    config["families"] = [
+        config["families"][0],
+        config["families"][1],
+        {"name": "ftts", "sam_mode": "none", "finetune_mode": "ftts"},
+    ]
     config["finetune_configs"] = [str(RECIPES / "configs" / "flan_t5_base.yaml")]
     config["search_grid"] = {"task_arithmetic": {"alpha": [0.5, 1.0]}}
     config_path = tmp_path / "glue.yaml"
     config_path.write_text(yaml.safe_dump(config))
     glue = import_recipe("glue_t2t")
-    result = glue.main(["--config", str(config_path), "--base_model", str(base), "--output_dir", str(tmp_path / "out"),
-                        "--tasks", "sst2", "rte", "--dataset_path", f"sst2={sst2}", "--dataset_path", f"rte={rte}",
-                        "--finetune_args", TINY_FINETUNE.replace("3e-3", "1e-2") + " --max_steps 6"])  # fmt: skip
+    result = glue.main(
+        [
+            "--config",
+            str(config_path),
+            "--base_model",
+            str(base),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--tasks",
+            "sst2",
+            "rte",
+            "--dataset_path",
+            f"sst2={sst2}",
+            "--dataset_path",
+            f"rte={rte}",
+            "--finetune_args",
+            TINY_FINETUNE.replace("3e-3", "1e-2") + " --max_steps 6",
+        ]
+    )
     rows = (tmp_path / "out" / "table_merged_searched.csv").read_text().splitlines()
-    assert [line.split(",")[:3] for line in rows[1:]] == [["pre-trained", "", ""], ["fine-tuned", "", "sgd"],
-        ["fine-tuned", "", "saft"], ["fine-tuned", "", "ftts"], ["task_arithmetic", "searched", "sgd"],
-        ["task_arithmetic", "searched", "saft"], ["task_arithmetic", "searched", "ftts"]]  # fmt: skip
+    assert [line.split(",")[:3] for line in rows[1:]] == [
+        ["pre-trained", "", ""],
+        ["fine-tuned", "", "sgd"],
+        ["fine-tuned", "", "saft"],
+        ["fine-tuned", "", "ftts"],
+        ["task_arithmetic", "searched", "sgd"],
+        ["task_arithmetic", "searched", "saft"],
+        ["task_arithmetic", "searched", "ftts"],
+    ]
     # The FTTS family's merge records its mode, so it is scored with the linearised forward.
-    assert json.loads((result.merged[("ftts", "task_arithmetic", "searched")] / "config.json").read_text())[
-        "saft_finetune_mode"] == "ftts"
+    assert (
+        json.loads((result.merged[("ftts", "task_arithmetic", "searched")] / "config.json").read_text())[
+            "saft_finetune_mode"
+        ]
+        == "ftts"
+    )
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     merged = result.merged[("saft", "task_arithmetic", "searched")]
     for task, data in (("sst2", sst2), ("rte", rte)):
@@ -368,12 +476,29 @@ def test_recipe_overrides_apply_on_top_of_the_config():
     from saft_hf.experiments.config import config_from_args, parse_experiment_args
 
     args = parse_experiment_args(
-        ["--tasks", "sst2", "rte", "--families", "saft", "--dataset_path", "sst2=/data/s", "--dataset_path",
-         "rte=/data/rte", "--finetune_args", "--max_steps 3 --learning_rate 1e-3", "--output_dir", "/tmp/x"],
-        RECIPES / "configs" / "glue_t2t.yaml")  # fmt: skip
+        [
+            "--tasks",
+            "sst2",
+            "rte",
+            "--families",
+            "saft",
+            "--dataset_path",
+            "sst2=/data/s",
+            "--dataset_path",
+            "rte=/data/rte",
+            "--finetune_args",
+            "--max_steps 3 --learning_rate 1e-3",
+            "--output_dir",
+            "/tmp/x",
+        ],
+        RECIPES / "configs" / "glue_t2t.yaml",
+    )
     config = config_from_args(args)
     assert (config.tasks, [f.name for f in config.families], config.dataset_paths) == (
-        ["sst2", "rte"], ["saft"], {"sst2": "/data/s", "rte": "/data/rte"})
+        ["sst2", "rte"],
+        ["saft"],
+        {"sst2": "/data/s", "rte": "/data/rte"},
+    )
     argv = finetune_argv(config, config.families[0], "rte", Path("/tmp/x/run"))
     assert argv[-4:] == ["--max_steps", "3", "--learning_rate", "1e-3"]
     assert argv[argv.index("--dataset_path") + 1] == "/data/rte" and config.output_dir == "/tmp/x"
@@ -399,11 +524,16 @@ def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog
 
     def experiment(saft_flags):
         config = ExperimentConfig(
-            base_model=str(base), tasks=["demo_parity", "demo_small_large"], output_dir=str(tmp_path / "out"),
+            base_model=str(base),
+            tasks=["demo_parity", "demo_small_large"],
+            output_dir=str(tmp_path / "out"),
             families=[Family("sgd", sam_mode="none"), Family("saft", sam_mode="asam", finetune_args=saft_flags)],
-            finetune_args=TINY_FINETUNE.split(), merge_methods=["task_arithmetic"], fixed_alpha=None,
-            search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}}, eval_max_samples=32,
-        )  # fmt: skip
+            finetune_args=TINY_FINETUNE.split(),
+            merge_methods=["task_arithmetic"],
+            fixed_alpha=None,
+            search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}},
+            eval_max_samples=32,
+        )
         return run_experiment(config, quiet=True)
 
     experiment(["--learning_rate", "3e-3"])
@@ -417,8 +547,10 @@ def test_rerun_redoes_exactly_the_stages_whose_settings_changed(tmp_path, caplog
 
     calls.clear()
     again = experiment(["--learning_rate", "1e-2"])  # one family's settings change
-    assert sorted(Path(c).relative_to(out).as_posix() for c in calls) == ["finetuned/saft/demo_parity",
-                                                                         "finetuned/saft/demo_small_large"]
+    assert sorted(Path(c).relative_to(out).as_posix() for c in calls) == [
+        "finetuned/saft/demo_parity",
+        "finetuned/saft/demo_small_large",
+    ]
     assert "demo_parity was made with other settings (argv: 3e-3 -> 1e-2): redoing it" in caplog.text
     changed = {path.relative_to(out).parts[:2] for path, stamp in stamps.items() if path.stat().st_mtime_ns != stamp}
     # The changed fine-tunes and everything built on them (task vectors, merges) were redone; sgd's were reused.

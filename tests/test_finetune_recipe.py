@@ -45,16 +45,22 @@ def _write_config(path: Path, values: dict) -> Path:
         # a flag the file does not set; field defaults elsewhere
         ({}, ["--sam_mode", "sam"], {"sam_mode": "sam", "sam_rho": 0.05, "learning_rate": 5e-5}),
         # booleans both ways
-        ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_steps": 5, "eval_steps": 5},
-         ["--load_best_model_at_end", "false"], {"load_best_model_at_end": False}),
+        (
+            {"load_best_model_at_end": True, "eval_strategy": "steps", "save_steps": 5, "eval_steps": 5},
+            ["--load_best_model_at_end", "false"],
+            {"load_best_model_at_end": False},
+        ),
         ({"remove_unused_columns": True}, ["--no_remove_unused_columns"], {"remove_unused_columns": False}),
         # YAML 1.1 reads "1e-4" as a string: the field's type converts it
         ({"learning_rate": "1e-4"}, [], {"learning_rate": 1e-4}),
         # the file sets the required task; a flag overrides it
         ({"task": "digits"}, ["--task", "digits_parity"], {"task": "digits_parity"}),
         # fine-tuning mode and LoRA options, from the file and from flags
-        ({"finetune_mode": "lora", "lora_target_modules": ["q_proj", "k_proj"]}, ["--lora_r", "4"],
-         {"finetune_mode": "lora", "lora_r": 4, "lora_alpha": 32, "lora_target_modules": ["q_proj", "k_proj"]}),
+        (
+            {"finetune_mode": "lora", "lora_target_modules": ["q_proj", "k_proj"]},
+            ["--lora_r", "4"],
+            {"finetune_mode": "lora", "lora_r": 4, "lora_alpha": 32, "lora_target_modules": ["q_proj", "k_proj"]},
+        ),
         ({}, ["--finetune_mode", "ftts"], {"finetune_mode": "ftts", "lora_target_modules": None}),
     ],
 )
@@ -71,8 +77,18 @@ def test_flags_override_config_file(tmp_path, file_values, flags, expected):
 
 def test_resolved_config_reproduces_the_run_and_keeps_no_secret(tmp_path):
     config = _write_config(tmp_path / "config.yaml", {"task": "digits", "tiny_model_seed": 0, "sam_rho": 0.3})
-    flags = ["--config", str(config), "--output_dir", str(tmp_path / "out_{task}_{sam_mode}"), "--use_cpu", "true",
-             "--max_steps", "9", "--hub_token", "hf_secret_value"]
+    flags = [
+        "--config",
+        str(config),
+        "--output_dir",
+        str(tmp_path / "out_{task}_{sam_mode}"),
+        "--use_cpu",
+        "true",
+        "--max_steps",
+        "9",
+        "--hub_token",
+        "hf_secret_value",
+    ]
     first = finetuning.parse_finetune_args(flags)
     assert first[2].output_dir == str(tmp_path / "out_digits_asam")
     finetuning.write_resolved_config(first[3], tmp_path)
@@ -97,8 +113,12 @@ def test_resolved_config_reproduces_the_run_and_keeps_no_secret(tmp_path):
         ({"task": "digits", "tiny_model_seed": 0, "output_dir": "o/{model}"}, [], ValueError, "unknown placeholder"),
         ({"task": "digits", "tiny_model_seed": 0}, ["--sam_rho", "-1"], ValueError, "sam_rho"),
         ({"task": "digits", "tiny_model_seed": 0, "finetune_mode": "qlora"}, [], ValueError, "finetune_mode.*qlora"),
-        ({"task": "digits", "tiny_model_seed": 0}, ["--finetune_mode", "qlora"], ValueError,
-         "argument --finetune_mode.*: invalid choice: 'qlora'"),
+        (
+            {"task": "digits", "tiny_model_seed": 0},
+            ["--finetune_mode", "qlora"],
+            ValueError,
+            "argument --finetune_mode.*: invalid choice: 'qlora'",
+        ),
         ({"task": "digits", "tiny_model_seed": 0}, ["--lora_r", "0"], ValueError, "lora_r must be >= 1"),
         ({"task": "digits", "tiny_model_seed": 0}, ["--lora_dropout", "1"], ValueError, "lora_dropout"),
     ],
@@ -110,11 +130,20 @@ def test_bad_configuration_is_refused(tmp_path, file_values, flags, error, messa
 
 
 def test_later_config_files_override_earlier_ones(tmp_path):
-    first = _write_config(tmp_path / "a.yaml", {"task": "digits", "tiny_model_seed": 0, "learning_rate": 0.1,
-                                               "max_steps": 5, "output_dir": str(tmp_path / "{finetune_mode}")})
+    first = _write_config(
+        tmp_path / "a.yaml",
+        {
+            "task": "digits",
+            "tiny_model_seed": 0,
+            "learning_rate": 0.1,
+            "max_steps": 5,
+            "output_dir": str(tmp_path / "{finetune_mode}"),
+        },
+    )
     second = _write_config(tmp_path / "b.yaml", {"learning_rate": 0.2, "finetune_mode": "lora"})
     model_args, _, training_args, resolved = finetuning.parse_finetune_args(
-        ["--config", str(first), "--config", str(second), "--max_steps", "7", "--use_cpu", "true"])
+        ["--config", str(first), "--config", str(second), "--max_steps", "7", "--use_cpu", "true"]
+    )
     assert (training_args.learning_rate, training_args.max_steps, model_args.finetune_mode) == (0.2, 7, "lora")
     assert training_args.output_dir == str(tmp_path / "lora")
     assert resolved["learning_rate"] == 0.2
@@ -170,16 +199,31 @@ def _assert_reloaded_scores_match(output_dir: Path, task: str, splits: dict[str,
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_its_model_reproduces_the_recorded_accuracy(tmp_path):
     output_dir = tmp_path / "demo"
-    command = [sys.executable, str(RECIPE), "--config", str(DEMO_CONFIG), "--output_dir", str(output_dir),
-               "--max_steps", "12", "--eval_steps", "6", "--save_steps", "6", "--logging_steps", "3"]
+    command = [
+        sys.executable,
+        str(RECIPE),
+        "--config",
+        str(DEMO_CONFIG),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "12",
+        "--eval_steps",
+        "6",
+        "--save_steps",
+        "6",
+        "--logging_steps",
+        "3",
+    ]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     resolved = yaml.safe_load((output_dir / finetuning.RESOLVED_CONFIG_FILE).read_text())
     assert resolved["max_steps"] == 12 and resolved["learning_rate"] == 2e-3 and resolved["task"] == "digits"
-    _assert_reloaded_scores_match(output_dir, "digits", {"validation": None, "test": None},
-                                  batch_size=resolved["per_device_eval_batch_size"])
+    _assert_reloaded_scores_match(
+        output_dir, "digits", {"validation": None, "test": None}, batch_size=resolved["per_device_eval_batch_size"]
+    )
     assert CLIPVisionClassifier.from_pretrained(output_dir).class_names == DIGIT_NAMES
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -195,8 +239,21 @@ def test_demo_runs_end_to_end_and_its_model_reproduces_the_recorded_accuracy(tmp
 
 
 def _run(output_dir: Path, *flags: str) -> None:
-    finetuning.run([*flags, "--tiny_model_seed", "0", "--output_dir", str(output_dir), "--use_cpu", "true",
-                   "--report_to", "none", "--torch_num_threads", "1"])
+    finetuning.run(
+        [
+            *flags,
+            "--tiny_model_seed",
+            "0",
+            "--output_dir",
+            str(output_dir),
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--torch_num_threads",
+            "1",
+        ]
+    )
 
 
 # Each mode's artifact: what the folder must hold, and what its config says.
@@ -204,19 +261,53 @@ _IMAGE_MODE_FILES = {
     "full": {"config.json", "model.safetensors", "zero_shot_head.safetensors", "preprocessor_config.json"},
     "ftlo": {"config.json", "model.safetensors", "zero_shot_head.safetensors", "preprocessor_config.json"},
     "ftts": {"config.json", "model.safetensors", "zero_shot_head.safetensors", "preprocessor_config.json"},
-    "lora": {"adapter_config.json", "adapter_model.safetensors", "zero_shot_head.safetensors",
-             "preprocessor_config.json"},
+    "lora": {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "zero_shot_head.safetensors",
+        "preprocessor_config.json",
+    },
 }
 
 
 @pytest.mark.parametrize("finetune_mode", ["full", "ftlo", "ftts", "lora"])
 def test_image_task_runs_in_every_mode_and_reloads_with_the_recorded_accuracy(tmp_path, finetune_mode):
     output_dir = tmp_path / finetune_mode
-    _run(output_dir, "--task", "digits", "--finetune_mode", finetune_mode, "--lora_r", "4", "--lora_alpha", "8",
-         "--max_train_samples", "64", "--max_eval_samples", "40", "--max_steps", "4", "--learning_rate", "2e-3",
-         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--eval_strategy", "steps",
-         "--eval_steps", "2", "--save_steps", "2", "--load_best_model_at_end", "true",
-         "--metric_for_best_model", "accuracy", "--sam_mode", "asam")
+    _run(
+        output_dir,
+        "--task",
+        "digits",
+        "--finetune_mode",
+        finetune_mode,
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "40",
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "2e-3",
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "16",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "accuracy",
+        "--sam_mode",
+        "asam",
+    )
     assert _IMAGE_MODE_FILES[finetune_mode] <= {path.name for path in output_dir.iterdir()}
     if finetune_mode != "lora":
         config = AutoConfig.from_pretrained(output_dir)
@@ -232,8 +323,9 @@ def _sentiment_rows(n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     good, bad = ["great", "wonderful", "good", "fun"], ["terrible", "boring", "bad", "dull"]
     labels = rng.integers(0, 2, n).tolist()
-    sentences = [f"the movie was {rng.choice(good if label else bad)} and {rng.choice(['long', 'short'])}"
-                 for label in labels]
+    sentences = [
+        f"the movie was {rng.choice(good if label else bad)} and {rng.choice(['long', 'short'])}" for label in labels
+    ]
     return {"sentence": sentences, "label": labels, "idx": list(range(n))}
 
 
@@ -254,13 +346,45 @@ def test_text_to_text_runs_reload_with_the_recorded_generation_metrics(
     tmp_path, sentiment_data, finetune_mode, steps, learning_rate
 ):
     output_dir = tmp_path / finetune_mode
-    _run(output_dir, "--task", "sst2", "--dataset_path", str(sentiment_data), "--finetune_mode", finetune_mode,
-         "--max_steps", str(steps), "--learning_rate", learning_rate, "--per_device_train_batch_size", "16",
-         "--per_device_eval_batch_size", "16", "--logging_steps", "20", "--eval_strategy", "steps",
-         "--eval_steps", str(steps // 2), "--save_steps", str(steps // 2), "--load_best_model_at_end", "true",
-         "--metric_for_best_model", "accuracy", "--sam_mode", "none")
-    results = _assert_reloaded_scores_match(output_dir, "sst2", {"validation": None, "test": None},
-                                            dataset_path=str(sentiment_data), batch_size=16, max_source_length=256)
+    _run(
+        output_dir,
+        "--task",
+        "sst2",
+        "--dataset_path",
+        str(sentiment_data),
+        "--finetune_mode",
+        finetune_mode,
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        learning_rate,
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "16",
+        "--logging_steps",
+        "20",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(steps // 2),
+        "--save_steps",
+        str(steps // 2),
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "accuracy",
+        "--sam_mode",
+        "none",
+    )
+    results = _assert_reloaded_scores_match(
+        output_dir,
+        "sst2",
+        {"validation": None, "test": None},
+        dataset_path=str(sentiment_data),
+        batch_size=16,
+        max_source_length=256,
+    )
     assert {"test_accuracy", "test_off_label_fraction", "eval_accuracy"} <= set(results)
 
     # A second implementation of the score: the models package's generate-and-match, counted with numpy.
@@ -288,12 +412,26 @@ def test_image_task_runs_on_local_copy_of_a_hub_dataset(tmp_path):
 
     DatasetDict(train=rows(30), test=rows(10)).save_to_disk(tmp_path / "eurosat")
     output_dir = tmp_path / "run"
-    _run(output_dir, "--task", "eurosat", "--dataset_path", str(tmp_path / "eurosat"), "--max_steps", "2",
-         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--save_strategy", "no")
+    _run(
+        output_dir,
+        "--task",
+        "eurosat",
+        "--dataset_path",
+        str(tmp_path / "eurosat"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--save_strategy",
+        "no",
+    )
     model = CLIPVisionClassifier.from_pretrained(output_dir)
     assert model.class_names == eurosat.class_names and model.templates == eurosat.templates
-    _assert_reloaded_scores_match(output_dir, "eurosat", {"validation": None, "test": None},
-                                  dataset_path=str(tmp_path / "eurosat"), batch_size=8)
+    _assert_reloaded_scores_match(
+        output_dir, "eurosat", {"validation": None, "test": None}, dataset_path=str(tmp_path / "eurosat"), batch_size=8
+    )
 
 
 # ---- best-on-validation checkpoint selection ----------------------------------------------------------------------
@@ -317,17 +455,46 @@ def _two_phase_splits(source: str | None) -> DatasetDict:
     )
 
 
-TWO_PHASE = register_task(ImageClassificationTask(
-    "test_digits_two_phase", ("even", "odd"), get_task("digits_parity").templates, _two_phase_splits))
+TWO_PHASE = register_task(
+    ImageClassificationTask(
+        "test_digits_two_phase", ("even", "odd"), get_task("digits_parity").templates, _two_phase_splits
+    )
+)
 
 
 def test_best_checkpoint_is_the_best_on_validation_not_the_last(tmp_path):
     output_dir = tmp_path / "best"
-    _run(output_dir, "--task", TWO_PHASE.name, "--train_sampling_strategy", "sequential", "--max_eval_samples", "60",
-         "--max_steps", "12", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
-         "--per_device_train_batch_size", str(BATCH), "--per_device_eval_batch_size", "60",
-         "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3", "--load_best_model_at_end", "true",
-         "--metric_for_best_model", "accuracy", "--sam_mode", "none")
+    _run(
+        output_dir,
+        "--task",
+        TWO_PHASE.name,
+        "--train_sampling_strategy",
+        "sequential",
+        "--max_eval_samples",
+        "60",
+        "--max_steps",
+        "12",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--per_device_train_batch_size",
+        str(BATCH),
+        "--per_device_eval_batch_size",
+        "60",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "accuracy",
+        "--sam_mode",
+        "none",
+    )
     state = json.loads((output_dir / "trainer_state.json").read_text())
     # trainer_state.json is written when training ends, before the final evaluations.
     evals = {entry["step"]: entry["eval_accuracy"] for entry in state["log_history"] if "eval_accuracy" in entry}

@@ -44,8 +44,13 @@ def family(tmp_path_factory):
 
 
 def _recipe(base, models, output_dir, alpha=0.5):
-    return {"base_model": str(base), "models": [str(m) for m in models], "method": "task_arithmetic",
-            "parameters": {"alpha": alpha}, "output_dir": str(output_dir)}  # fmt: skip
+    return {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "method": "task_arithmetic",
+        "parameters": {"alpha": alpha},
+        "output_dir": str(output_dir),
+    }
 
 
 def _hand_predictions(classifier, folders, pixel_values, alpha):
@@ -93,12 +98,22 @@ def test_a_search_over_ftts_inputs_scores_every_point_linearised(tmp_path, famil
     data = planted_labels(rows, hand[ALPHAS[0]][0])
     if evaluate_on == "state_dict":
         # The base folder as the model, as the search's docstring suggests: the merged weights carry their mode.
-        evaluate_fn = task_accuracy_evaluator(["digits"], model=base, split="test", data=data, batch_size=8,
-                                              device="cpu", progress=False)  # fmt: skip
+        evaluate_fn = task_accuracy_evaluator(
+            ["digits"], model=base, split="test", data=data, batch_size=8, device="cpu", progress=False
+        )
     else:
-        evaluate_fn = lambda folder: evaluate_model(folder, DIGITS, data=data, batch_size=8, progress=False)["accuracy"]
-    result = search_coefficients(_recipe(base, folders, tmp_path / "best"), evaluate_fn, {"alpha": list(ALPHAS)},
-                                 evaluate_on=evaluate_on, write_best=False, progress=False)  # fmt: skip
+
+        def evaluate_fn(folder):
+            return evaluate_model(folder, DIGITS, data=data, batch_size=8, progress=False)["accuracy"]
+
+    result = search_coefficients(
+        _recipe(base, folders, tmp_path / "best"),
+        evaluate_fn,
+        {"alpha": list(ALPHAS)},
+        evaluate_on=evaluate_on,
+        write_best=False,
+        progress=False,
+    )
     assert result.table == [{"alpha": alpha, "score": accuracy_of(hand[alpha][0], data)} for alpha in ALPHAS]
     assert [accuracy_of(hand[alpha][1], data) for alpha in ALPHAS] != [row["score"] for row in result.table]
 
@@ -107,9 +122,11 @@ def test_inputs_of_different_modes_are_refused(tmp_path, family):
     base, classifier, folders, _, _ = family
     full = apply_finetune_mode(copy.deepcopy(classifier), "full")
     full.save_pretrained(tmp_path / "full")
-    with pytest.raises(ValueError, match=r"different fine-tuning modes.*models\[0\] \(.*ft0\): ftts; "
-                                         r"models\[1\] \(.*full\): full\); set allow_mixed_finetune_modes: true "
-                                         r"in the recipe"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"different fine-tuning modes.*models\[0\] \(.*ft0\): ftts; "
+        r"models\[1\] \(.*full\): full\); set allow_mixed_finetune_modes: true in the recipe",
+    ):
         merge(_recipe(base, [folders[0], tmp_path / "full"], tmp_path / "mixed"), progress=False)
     # A fine-tune that records no mode (a public one) may be anything: FTTS merges refuse it too.
     classifier.vision_model.save_pretrained(tmp_path / "unmarked")

@@ -39,8 +39,14 @@ def quadratic_task(spectrum: list[float], seed: int = 4) -> tuple[AnalysisTask, 
     matrix = q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T
     model = Quadratic(matrix)
     zeros = {"c": torch.zeros(2, dtype=torch.float64)}, {"c": torch.zeros(3, dtype=torch.float64)}
-    task = AnalysisTask(name="q", model=model, batches=batches_of(*zeros), forward=lambda m, b: m(**b),
-                        loss=lambda m, b: m(**b), predict=lambda m, b: m(**b))  # fmt: skip
+    task = AnalysisTask(
+        name="q",
+        model=model,
+        batches=batches_of(*zeros),
+        forward=lambda m, b: m(**b),
+        loss=lambda m, b: m(**b),
+        predict=lambda m, b: m(**b),
+    )
     return task, matrix
 
 
@@ -85,8 +91,9 @@ def test_lambda_max_of_an_indefinite_quadratic_is_its_largest_eigenvalue_not_the
     assert estimate.converged and estimate.eigenvalue == pytest.approx(0.5, rel=1e-9)
     assert estimate.residual <= 1e-10 * 0.5
     # The Hessian of a quadratic is the same everywhere on the line theta_0 + g tau.
-    line = hessian_eigenvalues_along_line(task, {"w": torch.ones(5, dtype=torch.float64)}, gammas=(0.0, 0.5, 1.0),
-                                          tolerance=1e-10)  # fmt: skip
+    line = hessian_eigenvalues_along_line(
+        task, {"w": torch.ones(5, dtype=torch.float64)}, gammas=(0.0, 0.5, 1.0), tolerance=1e-10
+    )
     np.testing.assert_allclose(line.series["eigenvalue"], 0.5, rtol=1e-9)
     assert line.series["converged"].all() and (line.series["residual"] <= 1e-10).all()
 

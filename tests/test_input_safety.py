@@ -35,8 +35,14 @@ def family(tmp_path_factory):
 
 
 def recipe(base, models, output_dir, **extra) -> dict:
-    return {"base_model": str(base), "models": [{"model": str(model)} for model in models], "method": "task_arithmetic",
-            "parameters": {"alpha": 0.5}, "output_dir": str(output_dir), **extra}  # fmt: skip
+    return {
+        "base_model": str(base),
+        "models": [{"model": str(model)} for model in models],
+        "method": "task_arithmetic",
+        "parameters": {"alpha": 0.5},
+        "output_dir": str(output_dir),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -62,8 +68,13 @@ def write_index(folder: Path, weight_map: dict) -> Path:
 
 # ---- shards named by an index stay inside its folder ----------------------------------------------------------
 
-OUTSIDE_SHARDS = ["../secret.safetensors", "ok/../../secret.safetensors", "..\\secret.safetensors",
-                  "C:/secret.safetensors", "ABSOLUTE"]  # fmt: skip
+OUTSIDE_SHARDS = [
+    "../secret.safetensors",
+    "ok/../../secret.safetensors",
+    "..\\secret.safetensors",
+    "C:/secret.safetensors",
+    "ABSOLUTE",
+]
 
 
 @pytest.mark.parametrize("shard", OUTSIDE_SHARDS)
@@ -103,8 +114,9 @@ def upload(repo_id: str, files: dict[str, bytes | Path]) -> str:
     """Put files in a Hub repo with the plain client (not the code under test)."""
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
-    return api.create_commit(repo_id, [CommitOperationAdd(path, content) for path, content in files.items()],
-                             commit_message="fixture").oid  # fmt: skip
+    return api.create_commit(
+        repo_id, [CommitOperationAdd(path, content) for path, content in files.items()], commit_message="fixture"
+    ).oid
 
 
 def test_hub_repo_whose_index_points_outside_its_snapshot_is_refused(hub_server, family, tmp_path, opened):
@@ -112,15 +124,23 @@ def test_hub_repo_whose_index_points_outside_its_snapshot_is_refused(hub_server,
     names = list(CheckpointReader(tuned))
     weight_map = {name: "model-00001-of-00001.safetensors" for name in names}
     weight_map[names[0]] = "../../../x.safetensors"  # snapshots/<sha>/../../../ is the cache root
-    upload("evil/model", {"config.json": tuned / "config.json",
-                          "model-00001-of-00001.safetensors": tuned / "model.safetensors",
-                          "model.safetensors.index.json": json.dumps({"weight_map": weight_map}).encode()})  # fmt: skip
+    upload(
+        "evil/model",
+        {
+            "config.json": tuned / "config.json",
+            "model-00001-of-00001.safetensors": tuned / "model.safetensors",
+            "model.safetensors.index.json": json.dumps({"weight_map": weight_map}).encode(),
+        },
+    )
     secret = hub_server.cache_dir / "x.safetensors"
     hub_server.cache_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(tuned / "model.safetensors", secret)
 
-    with pytest.raises(OutsideFolderError, match=r"snapshots/[0-9a-f]{40}/model\.safetensors\.index\.json: names shard "
-                                                 r"'\.\./\.\./\.\./x\.safetensors'"):  # fmt: skip
+    with pytest.raises(
+        OutsideFolderError,
+        match=r"snapshots/[0-9a-f]{40}/model\.safetensors\.index\.json: names shard "
+        r"'\.\./\.\./\.\./x\.safetensors'",
+    ):
         merge(recipe(base_dir, ["evil/model"], tmp_path / "out"), progress=False)
     assert secret.resolve() not in [file.resolve() for file in opened]
     assert not (tmp_path / "out").exists()
@@ -143,17 +163,28 @@ def test_bad_revisions_are_refused_without_a_request(hub_server, family, tmp_pat
         with pytest.raises(OutsideFolderError, match=re.escape(f"revision '{revision}' is not a valid git")):
             call()
     with pytest.raises(OutsideFolderError, match=r"^models\[1\]\.revision: revision"):
-        MergeConfig.from_dict({**recipe(base_dir, ["org/a"], tmp_path / "out"),
-                               "models": ["org/a", {"model": "org/b", "revision": revision}]})  # fmt: skip
+        MergeConfig.from_dict(
+            {
+                **recipe(base_dir, ["org/a"], tmp_path / "out"),
+                "models": ["org/a", {"model": "org/b", "revision": revision}],
+            }
+        )
     assert hub_server.state.requests == []
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("base_model", "org/na..me", r"^base_model \(not a local folder either\): 'org/na\.\.me' is not a valid Hub"),
-    ("models", ["org/a--b"], r"^models\[0\]\.model \(not a local folder either\): 'org/a--b' is not a valid Hub repo"),
-    ("push_to_hub", "bad//id", r"^push_to_hub\.repo_id: 'bad//id' is not a valid Hub repo id"),
-    ("push_to_hub", {"repo_id": "org/x.git"}, r"^push_to_hub\.repo_id: 'org/x\.git' is not a valid Hub repo id"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("base_model", "org/na..me", r"^base_model \(not a local folder either\): 'org/na\.\.me' is not a valid Hub"),
+        (
+            "models",
+            ["org/a--b"],
+            r"^models\[0\]\.model \(not a local folder either\): 'org/a--b' is not a valid Hub repo",
+        ),
+        ("push_to_hub", "bad//id", r"^push_to_hub\.repo_id: 'bad//id' is not a valid Hub repo id"),
+        ("push_to_hub", {"repo_id": "org/x.git"}, r"^push_to_hub\.repo_id: 'org/x\.git' is not a valid Hub repo id"),
+    ],
+)
 def test_bad_repo_ids_are_refused_before_the_merge_writes_anything(hub_server, family, tmp_path, field, value, message):
     base_dir, tuned = family
     with pytest.raises(ValueError, match=message):
@@ -183,8 +214,11 @@ def weight_downloads(state) -> list[str]:
 
 @pytest.mark.parametrize("revision", ["no-such-branch", "0" * 40])
 def test_missing_revision_of_the_last_input_fails_before_any_weight_download(hub_family, tmp_path, revision):
-    with pytest.raises(FileNotFoundError, match=rf"^models\[1\]: Revision '{revision}' does not exist in Hub repo "
-                                                r"'org/ft1'"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"^models\[1\]: Revision '{revision}' does not exist in Hub repo "
+        r"'org/ft1'",
+    ):
         merge(recipe("org/base", ["org/ft0", f"org/ft1@{revision}"], tmp_path / "out"), progress=False)
     assert weight_downloads(hub_family.state) == []
     assert hub_family.state.requests, "the references were checked against the server"
@@ -195,9 +229,12 @@ def test_missing_repo_and_repo_without_model_or_vector_fail_before_any_weight_do
     with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Model 'org/missing' is neither a local folder"):
         merge(recipe("org/base", ["org/ft0", "org/missing"], tmp_path / "out"), progress=False)
     upload("org/notes", {"notes.txt": b"no weights here"})
-    with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Hub repo 'org/notes@[0-9a-f]{40}' has no config\.json "
-                                                r"\(a model\) and no task_vector\.safetensors \(a task vector\); files: "
-                                                r"\['\.gitattributes', 'notes\.txt'\]"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^models\[1\]: Hub repo 'org/notes@[0-9a-f]{40}' has no config\.json "
+        r"\(a model\) and no task_vector\.safetensors \(a task vector\); files: "
+        r"\['\.gitattributes', 'notes\.txt'\]",
+    ):
         merge(recipe("org/base", ["org/ft0", "org/notes"], tmp_path / "out"), progress=False)
     assert weight_downloads(hub_family.state) == []
 
@@ -219,8 +256,10 @@ def test_hub_task_vector_input_merges_like_the_local_one(hub_family, family, tmp
 # ---- push failures ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("route", "tries"), [("commit", 1), ("preupload", BACKOFF_TRIES), ("lfs_batch", BACKOFF_TRIES),
-                                              ("lfs_put", BACKOFF_TRIES)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("route", "tries"),
+    [("commit", 1), ("preupload", BACKOFF_TRIES), ("lfs_batch", BACKOFF_TRIES), ("lfs_put", BACKOFF_TRIES)],
+)
 def test_failed_merge_push_reports_the_complete_local_output(hub_server, family, tmp_path, monkeypatch, route, tries):
     waits = instant_retries(monkeypatch)
     base_dir, tuned = family
@@ -252,11 +291,14 @@ def test_failed_merge_push_reports_the_complete_local_output(hub_server, family,
 def test_failed_task_vector_push_says_nothing_is_kept_locally(hub_server, family):
     base_dir, tuned = family
     hub_server.state.fail_next("commit")
-    with pytest.raises(PushError, match=r"^Upload to Hub repo 'org/tv' failed \(POST /api/models/org/tv/commit/main "
-                                        r"answered HTTP 500: Injected failure of commit\); the pushed copy was built "
-                                        r"in a temporary folder, now deleted: the task vector is on disk only where "
-                                        r"TaskVector\.save_pretrained\(\) wrote it; "
-                                        r"retry with push_to_hub\('org/tv'\)$"):  # fmt: skip
+    with pytest.raises(
+        PushError,
+        match=r"^Upload to Hub repo 'org/tv' failed \(POST /api/models/org/tv/commit/main "
+        r"answered HTTP 500: Injected failure of commit\); the pushed copy was built "
+        r"in a temporary folder, now deleted: the task vector is on disk only where "
+        r"TaskVector\.save_pretrained\(\) wrote it; "
+        r"retry with push_to_hub\('org/tv'\)$",
+    ):
         TaskVector.from_models(base_dir, tuned[0]).push_to_hub("org/tv")
     assert hub_server.state.commits_made("org/tv") == []
 
@@ -280,8 +322,10 @@ def test_pushed_card_recipe_and_vector_metadata_hold_no_absolute_path(hub_server
     card, pushed_recipe = merged["README.md"].content.decode(), merged["merge_config.yaml"].content.decode()
     assert root not in card and root not in pushed_recipe
     assert yaml.safe_load(pushed_recipe)["base_model"] == "base (local folder)"
-    assert [entry["model"] for entry in yaml.safe_load(pushed_recipe)["models"]] == ["ft0 (local folder)",
-                                                                                     "ft1 (local folder)"]  # fmt: skip
+    assert [entry["model"] for entry in yaml.safe_load(pushed_recipe)["models"]] == [
+        "ft0 (local folder)",
+        "ft1 (local folder)",
+    ]
     assert yaml.safe_load(pushed_recipe)["output_dir"] == "out"
     assert "| base | base (local folder) |" in card and "| model | ft1 (local folder) |" in card
     assert HfApi().model_info("org/merged").card_data.base_model is None  # a local base is no Hub lineage
@@ -328,4 +372,5 @@ def test_offline_merge_of_cached_hub_models_still_works(hub_family, tmp_path, mo
     expected = CheckpointReader(online)
     assert all(torch.equal(tensor, expected[name]) for name, tensor in CheckpointReader(offline).items())
     assert (offline / "merge_config.yaml").read_text() == (online / "merge_config.yaml").read_text().replace(
-        str(tmp_path / "online"), str(tmp_path / "offline"))  # fmt: skip
+        str(tmp_path / "online"), str(tmp_path / "offline")
+    )

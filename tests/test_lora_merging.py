@@ -53,8 +53,14 @@ def adapters(tmp_path_factory):
 
 
 def _recipe(base, models, output_dir, **fields):
-    return {"base_model": str(base), "models": [str(m) for m in models], "method": "task_arithmetic",
-            "parameters": {"alpha": 0.5}, "output_dir": str(output_dir), **fields}  # fmt: skip
+    return {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "method": "task_arithmetic",
+        "parameters": {"alpha": 0.5},
+        "output_dir": str(output_dir),
+        **fields,
+    }
 
 
 def lora_deltas(folder, scaling=LORA_ALPHA / RANK):
@@ -101,8 +107,11 @@ def test_adapters_merge_as_dense_deltas_into_a_plain_model_scored_plainly(tmp_pa
 
     # Scored as the plain model it is: the hand-built classifier's forward at the merged weights.
     hand = copy.deepcopy(classifier)
-    vision = {name.removeprefix("vision_model."): tensor for name, tensor in expected.items()
-              if name.startswith("vision_model.")}  # fmt: skip
+    vision = {
+        name.removeprefix("vision_model."): tensor
+        for name, tensor in expected.items()
+        if name.startswith("vision_model.")
+    }
     hand.vision_model.load_state_dict(vision)
     pixel_values = processor(images=[image.convert("RGB") for image in rows["image"]], return_tensors="pt")
     with torch.no_grad():
@@ -117,9 +126,11 @@ def test_adapters_merge_as_dense_deltas_into_a_plain_model_scored_plainly(tmp_pa
 def test_an_adapter_and_a_full_finetune_are_different_modes(tmp_path, adapters):
     base, classifier, _, folders, _ = adapters
     apply_finetune_mode(copy.deepcopy(classifier), "full").save_pretrained(tmp_path / "full")
-    message = (f"models: inputs of different fine-tuning modes score with different forwards and cannot be merged "
-               f"into one model (models[0] ({folders[0]}): lora; models[1] ({tmp_path / 'full'}): full); set "
-               "allow_mixed_finetune_modes: true")  # fmt: skip
+    message = (
+        f"models: inputs of different fine-tuning modes score with different forwards and cannot be merged "
+        f"into one model (models[0] ({folders[0]}): lora; models[1] ({tmp_path / 'full'}): full); set "
+        "allow_mixed_finetune_modes: true"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         merge(_recipe(base, [folders[0], tmp_path / "full"], tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
@@ -138,9 +149,11 @@ def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_pa
     base, _, _, folders, _ = adapters
     other_base = shutil.copytree(base, tmp_path / "other_base")  # same weights, another folder
     adapter = _retarget(folders[0], tmp_path / "other", "base_model_name_or_path", "adapter_config.json", other_base)
-    message = (f"models[1] ({adapter}): records base model '{other_base}' (adapter_config.json "
-               f"base_model_name_or_path), not the base_model '{base}'; use the base it was fine-tuned from, or pass "
-               "allow_other_base=True (recipe: allow_other_base: true) to use it anyway")  # fmt: skip
+    message = (
+        f"models[1] ({adapter}): records base model '{other_base}' (adapter_config.json "
+        f"base_model_name_or_path), not the base_model '{base}'; use the base it was fine-tuned from, or pass "
+        "allow_other_base=True (recipe: allow_other_base: true) to use it anyway"
+    )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         merge(_recipe(base, [folders[0], adapter], tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
@@ -149,8 +162,21 @@ def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_pa
     assert cli_main(["task-vector", "--base", str(base), "--lora", str(adapter), "-o", str(tmp_path / "tv")]) == 1
     assert f"records base model '{other_base}'" in capsys.readouterr().err and not (tmp_path / "tv").exists()
     # Opted out, it is used (here on the same weights).
-    assert cli_main(["task-vector", "--base", str(base), "--lora", str(adapter), "-o", str(tmp_path / "tv"),
-                     "--allow_other_base"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "task-vector",
+                "--base",
+                str(base),
+                "--lora",
+                str(adapter),
+                "-o",
+                str(tmp_path / "tv"),
+                "--allow_other_base",
+            ]
+        )
+        == 0
+    )
     assert sorted(TaskVector.load(tmp_path / "tv")) == sorted(lora_deltas(adapter))
     merged = merge(_recipe(base, [folders[0], adapter], tmp_path / "out", allow_other_base=True), progress=False)
     twice = hand_merge(load_file(base / "model.safetensors"), [folders[0], folders[0]], alpha=0.5)
@@ -159,8 +185,9 @@ def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_pa
 
 def test_a_recorded_base_that_no_longer_exists_is_no_mismatch(tmp_path, adapters):
     base, _, _, folders, _ = adapters
-    moved = _retarget(folders[0], tmp_path / "moved", "base_model_name_or_path", "adapter_config.json",
-                      tmp_path / "gone" / "base")  # fmt: skip
+    moved = _retarget(
+        folders[0], tmp_path / "moved", "base_model_name_or_path", "adapter_config.json", tmp_path / "gone" / "base"
+    )
     merged = merge(_recipe(base, [moved, folders[1]], tmp_path / "out"), progress=False)
     assert json.loads((merged / "config.json").read_text())["saft_finetune_mode"] == "lora"
 
@@ -170,8 +197,10 @@ def test_an_ftts_finetune_of_another_base_is_refused(tmp_path, adapters):
     other_base = shutil.copytree(base, tmp_path / "other_base")
     ftts = apply_finetune_mode(copy.deepcopy(classifier), "ftts", base_model_name_or_path=str(other_base))
     ftts.save_pretrained(tmp_path / "ftts")
-    message = (f"models[0] ({tmp_path / 'ftts'}): records base model '{other_base}' (config.json saft_base_model), "
-               f"not the base_model '{base}'")  # fmt: skip
+    message = (
+        f"models[0] ({tmp_path / 'ftts'}): records base model '{other_base}' (config.json saft_base_model), "
+        f"not the base_model '{base}'"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         merge(_recipe(base, [tmp_path / "ftts"], tmp_path / "out"), progress=False)
     merged = merge(_recipe(base, [tmp_path / "ftts"], tmp_path / "out", allow_other_base=True), progress=False)
@@ -207,8 +236,10 @@ def test_hub_adapters_are_checked_from_their_config_before_any_weight_download(h
         retargeted = _retarget(folders[0], tmp_path / name, "base_model_name_or_path", "adapter_config.json", recorded)
         (retargeted / "README.md").unlink()  # PEFT's card has a base_model entry the Hub refuses
         push_folder(retargeted, f"org/adapter-{name}")
-    message = ("models[0] (org/adapter-other): records base model 'org/other-base' (adapter_config.json "
-               "base_model_name_or_path), not the base_model 'org/base'")  # fmt: skip
+    message = (
+        "models[0] (org/adapter-other): records base model 'org/other-base' (adapter_config.json "
+        "base_model_name_or_path), not the base_model 'org/base'"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         merge(_recipe("org/base", ["org/adapter-other"], tmp_path / "out"), progress=False)
     assert hub_server.state.served_files("org/adapter-other") == {"adapter_config.json"}

@@ -33,8 +33,14 @@ def family(tmp_path_factory):
 
 def recipe(family, output_dir, method="ties", parameters=None, **extra):
     base_dir, tuned = family
-    return {"base_model": str(base_dir), "models": [{"model": str(path)} for path in tuned], "method": method,
-            "parameters": parameters or {}, "output_dir": str(output_dir), **extra}  # fmt: skip
+    return {
+        "base_model": str(base_dir),
+        "models": [{"model": str(path)} for path in tuned],
+        "method": method,
+        "parameters": parameters or {},
+        "output_dir": str(output_dir),
+        **extra,
+    }
 
 
 def merged_weights(folder):
@@ -55,7 +61,9 @@ def in_memory_merge(config):
             parameters["seed"] = tensor_seed(parameters["seed"], name)
         if method.float32:  # the engine's choice for these float32 checkpoints
             parameters["dtype"] = torch.float32
-        merged[name] = method.function(tensor, [state[name] for state in states], weights, **parameters).to(tensor.dtype)
+        merged[name] = method.function(tensor, [state[name] for state in states], weights, **parameters).to(
+            tensor.dtype
+        )
     return merged
 
 
@@ -90,8 +98,13 @@ def test_streaming_merge_equals_in_memory_merge_bit_for_bit(family, tmp_path, me
 
 def test_linear_interpolation_of_two_models(family, tmp_path):
     base_dir, tuned = family
-    config = {"base_model": str(base_dir), "models": [str(tuned[0]), str(tuned[1])], "method": "linear_interpolation",
-              "parameters": {"alpha": 0.25}, "output_dir": str(tmp_path / "out")}  # fmt: skip
+    config = {
+        "base_model": str(base_dir),
+        "models": [str(tuned[0]), str(tuned[1])],
+        "method": "linear_interpolation",
+        "parameters": {"alpha": 0.25},
+        "output_dir": str(tmp_path / "out"),
+    }
     merge(config, progress=False)
     first, second = load_file(tuned[0] / "model.safetensors"), load_file(tuned[1] / "model.safetensors")
     for name, tensor in merged_weights(tmp_path / "out").items():
@@ -100,8 +113,16 @@ def test_linear_interpolation_of_two_models(family, tmp_path):
 
 def test_task_arithmetic_alpha_one_on_one_model_reproduces_it(family, tmp_path):
     base_dir, tuned = family
-    merge({"base_model": str(base_dir), "models": [str(tuned[0])], "method": "task_arithmetic",
-           "parameters": {"alpha": 1.0}, "output_dir": str(tmp_path / "out")}, progress=False)  # fmt: skip
+    merge(
+        {
+            "base_model": str(base_dir),
+            "models": [str(tuned[0])],
+            "method": "task_arithmetic",
+            "parameters": {"alpha": 1.0},
+            "output_dir": str(tmp_path / "out"),
+        },
+        progress=False,
+    )
     expected = load_file(tuned[0] / "model.safetensors")
     assert all(torch.equal(tensor, expected[name]) for name, tensor in merged_weights(tmp_path / "out").items())
 
@@ -125,13 +146,19 @@ def test_sharded_output_is_a_loadable_model_with_recipe_and_card(family, tmp_pat
 
 
 def test_recorded_recipe_reruns_to_identical_weights(family, tmp_path):
-    config = recipe(family, tmp_path / "first", "dare_ties", {"density": 0.5, "seed": 7},
-                    tensor_parameters=[{"filter": "re:layers\\.0\\.", "parameters": {"alpha": 0.3}}])  # fmt: skip
+    config = recipe(
+        family,
+        tmp_path / "first",
+        "dare_ties",
+        {"density": 0.5, "seed": 7},
+        tensor_parameters=[{"filter": "re:layers\\.0\\.", "parameters": {"alpha": 0.3}}],
+    )
     first = merge(config, progress=False)
     written = yaml.safe_load((first / "merge_config.yaml").read_text())
     assert MergeConfig.from_dict(written).to_dict() == MergeConfig.from_dict(config).to_dict()
-    second = merge(MergeConfig.from_yaml(first / "merge_config.yaml").replace(output_dir=str(tmp_path / "second")),
-                   progress=False)  # fmt: skip
+    second = merge(
+        MergeConfig.from_yaml(first / "merge_config.yaml").replace(output_dir=str(tmp_path / "second")), progress=False
+    )
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     # Re-running into the first folder replaces the earlier merge in place.
     merge(first / "merge_config.yaml", progress=False)
@@ -139,9 +166,16 @@ def test_recorded_recipe_reruns_to_identical_weights(family, tmp_path):
 
 
 def test_tensor_parameters_override_by_filter(family, tmp_path):
-    config = recipe(family, tmp_path / "out", "task_arithmetic", {"alpha": 0.2},
-                    tensor_parameters=[{"filter": "layers.1.mlp", "parameters": {"alpha": 0.9}},
-                                       {"filter": "re:mlp", "parameters": {"alpha": 0.0}}])  # fmt: skip
+    config = recipe(
+        family,
+        tmp_path / "out",
+        "task_arithmetic",
+        {"alpha": 0.2},
+        tensor_parameters=[
+            {"filter": "layers.1.mlp", "parameters": {"alpha": 0.9}},
+            {"filter": "re:mlp", "parameters": {"alpha": 0.0}},
+        ],
+    )
     merged = merged_weights(merge(config, progress=False))
     base = load_file(Path(config["base_model"]) / "model.safetensors")
     assert torch.equal(merged["encoder.layers.0.mlp.fc1.weight"], base["encoder.layers.0.mlp.fc1.weight"])
@@ -159,9 +193,16 @@ def test_output_dtype_defaults_to_base_and_can_be_chosen(family, tmp_path):
 
 @pytest.mark.parametrize("max_shard_size", [40, "1GB"])
 def test_writer_streams_every_dtype_and_shape_readably(tmp_path, max_shard_size):
-    tensors = {"weight": torch.randn(3, 4), "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 5),
-               "ids": torch.arange(7), "mask": torch.tensor([True, False, True]), "bf16": torch.randn(5).bfloat16(),
-               "f16": torch.randn(2, 2).half(), "transposed": torch.randn(4, 3).T}  # fmt: skip
+    tensors = {
+        "weight": torch.randn(3, 4),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 5),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+        "bf16": torch.randn(5).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "transposed": torch.randn(4, 3).T,
+    }
     specs = [TensorSpec(name, tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()]
     with ShardedSafetensorsWriter(tmp_path, specs, max_shard_size=max_shard_size) as writer:
         for name, tensor in tensors.items():
@@ -195,8 +236,9 @@ def test_pickle_weights_need_opt_in(family, tmp_path):
         merge(config, progress=False)
     assert not (tmp_path / "out").exists()
     merge({**config, "allow_pickle": True}, progress=False)
-    reference = merge({**config, "models": [str(tuned[0]), str(tuned[1])], "output_dir": str(tmp_path / "ref")},
-                      progress=False)  # fmt: skip
+    reference = merge(
+        {**config, "models": [str(tuned[0]), str(tuned[1])], "output_dir": str(tmp_path / "ref")}, progress=False
+    )
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
@@ -205,11 +247,15 @@ def test_pickle_weights_need_opt_in(family, tmp_path):
 
 def test_task_vector_folders_merge_like_their_models(family, tmp_path):
     base_dir, tuned = family
-    vectors = [TaskVector.from_models(base_dir, path, dtype=torch.float64).save(tmp_path / f"tv{i}")
-               for i, path in enumerate(tuned)]  # fmt: skip
+    vectors = [
+        TaskVector.from_models(base_dir, path, dtype=torch.float64).save(tmp_path / f"tv{i}")
+        for i, path in enumerate(tuned)
+    ]
     from_models = merge(recipe(family, tmp_path / "a", "ties", {"density": 0.3}), progress=False)
-    from_vectors = merge({**recipe(family, tmp_path / "b", "ties", {"density": 0.3}),
-                          "models": [str(path) for path in vectors]}, progress=False)  # fmt: skip
+    from_vectors = merge(
+        {**recipe(family, tmp_path / "b", "ties", {"density": 0.3}), "models": [str(path) for path in vectors]},
+        progress=False,
+    )
     assert (from_models / "model.safetensors").read_bytes() == (from_vectors / "model.safetensors").read_bytes()
 
 
@@ -230,7 +276,9 @@ def test_vision_tower_finetunes_merge_into_a_full_clip_base(tmp_path, naming):
     full = tiny_clip(seed=0)
     full_dir = save(full, tmp_path / "clip", processor=True)
     tower = tiny_clip_vision(seed=1)
-    tower.load_state_dict({k.removeprefix("vision_model."): v for k, v in full.state_dict().items() if k.startswith("vision_model.")})
+    tower.load_state_dict(
+        {k.removeprefix("vision_model."): v for k, v in full.state_dict().items() if k.startswith("vision_model.")}
+    )
     tuned = []
     for index in range(2):
         folder = save(finetune_like(tower, seed=10 + index), tmp_path / f"ft{index}")
@@ -238,8 +286,16 @@ def test_vision_tower_finetunes_merge_into_a_full_clip_base(tmp_path, naming):
             state = {f"vision_model.{k}": v.clone() for k, v in load_file(folder / "model.safetensors").items()}
             save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
         tuned.append(folder)
-    out = merge({"base_model": str(full_dir), "models": [str(path) for path in tuned], "method": "task_arithmetic",
-                 "parameters": {"alpha": 0.5}, "output_dir": str(tmp_path / "out")}, progress=False)  # fmt: skip
+    out = merge(
+        {
+            "base_model": str(full_dir),
+            "models": [str(path) for path in tuned],
+            "method": "task_arithmetic",
+            "parameters": {"alpha": 0.5},
+            "output_dir": str(tmp_path / "out"),
+        },
+        progress=False,
+    )
     merged = CLIPModel.from_pretrained(out).state_dict()
     base = full.state_dict()
     tuned_states = [CLIPVisionModel.from_pretrained(path).state_dict() for path in tuned]
@@ -258,12 +314,22 @@ def test_tied_weights_are_merged_once(tmp_path):
     base = tiny_t5(seed=0)
     base_dir = save(base, tmp_path / "base")
     tuned = [save(finetune_like(base, seed=s), tmp_path / f"ft{s}") for s in (1, 2)]
-    out = merge({"base_model": str(base_dir), "models": [str(p) for p in tuned], "method": "weight_average",
-                 "output_dir": str(tmp_path / "out")}, progress=False)  # fmt: skip
+    out = merge(
+        {
+            "base_model": str(base_dir),
+            "models": [str(p) for p in tuned],
+            "method": "weight_average",
+            "output_dir": str(tmp_path / "out"),
+        },
+        progress=False,
+    )
     merged = merged_weights(out)
     states = [load_file(path / "model.safetensors") for path in tuned]
     assert set(merged) == set(states[0])
-    assert torch.equal(merged["shared.weight"], ((states[0]["shared.weight"].double() + states[1]["shared.weight"].double()) / 2).float())
+    assert torch.equal(
+        merged["shared.weight"],
+        ((states[0]["shared.weight"].double() + states[1]["shared.weight"].double()) / 2).float(),
+    )
 
 
 def test_parallel_merge_keeps_the_base_order_for_results_and_errors(family, tmp_path):
@@ -274,8 +340,13 @@ def test_parallel_merge_keeps_the_base_order_for_results_and_errors(family, tmp_
     # NaN in a tensor near the start and in the last one: the first in the base's order is reported, even though
     # the next tensors are merged at the same time.
     first, last = names[1], names[-1]
-    bad = _broken_copy(tuned[1], tmp_path / "ft_bad", lambda path: _resave(path, lambda state: [
-        state[name].view(-1).__setitem__(0, float("nan")) for name in (first, last)]))  # fmt: skip
+    bad = _broken_copy(
+        tuned[1],
+        tmp_path / "ft_bad",
+        lambda path: _resave(
+            path, lambda state: [state[name].view(-1).__setitem__(0, float("nan")) for name in (first, last)]
+        ),
+    )
     with pytest.raises(NonFiniteError, match=rf"^models\[1\] \({re.escape(str(bad))}\): tensor '{re.escape(first)}' "):
         merge({**recipe(family, tmp_path / "out2"), "models": [str(tuned[0]), str(bad)]}, progress=False)
 
@@ -299,13 +370,19 @@ def _resave(path, change):
 
 BAD_INPUTS = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-1000]), r"ft_bad/model\.safetensors: corrupt or truncated"),
-    "bad_header": (lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"),
-                   r"ft_bad/model\.safetensors: corrupt or truncated"),
-    "missing_tensor": (lambda p: _resave(p, lambda s: s.pop("encoder.layers.1.mlp.fc1.weight")),
-                       r"models\[1\] .*has no tensor 'encoder\.layers\.1\.mlp\.fc1\.weight'"),
-    "shape_mismatch": (lambda p: _resave(p, lambda s: s.__setitem__("post_layernorm.bias", torch.zeros(5))),
-                       r"models\[1\] .*tensor 'post_layernorm\.bias' has shape \[5\], the base's 'post_layernorm\.bias' has \[32\]"),
-}  # fmt: skip
+    "bad_header": (
+        lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"),
+        r"ft_bad/model\.safetensors: corrupt or truncated",
+    ),
+    "missing_tensor": (
+        lambda p: _resave(p, lambda s: s.pop("encoder.layers.1.mlp.fc1.weight")),
+        r"models\[1\] .*has no tensor 'encoder\.layers\.1\.mlp\.fc1\.weight'",
+    ),
+    "shape_mismatch": (
+        lambda p: _resave(p, lambda s: s.__setitem__("post_layernorm.bias", torch.zeros(5))),
+        r"models\[1\] .*tensor 'post_layernorm\.bias' has shape \[5\], the base's 'post_layernorm\.bias' has \[32\]",
+    ),
+}
 
 
 @pytest.mark.parametrize("problem", sorted(BAD_INPUTS))
@@ -356,19 +433,24 @@ def test_existing_unrelated_folder_is_never_replaced(family, tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"method": "soup"}, "method: unknown merge method 'soup'"),
-    ({"parameters": {"lambda": 1}}, "parameters.lambda: unknown parameter for method 'ties'"),
-    ({"models": []}, "models: at least one model is required"),
-    ({"tensor_parameters": [{"filter": "re:(", "parameters": {}}]}, "tensor_parameters[0].filter: invalid regex"),
-    ({"tensor_parameters": [{"filter": "x", "parameters": {"density": 2}}]},
-     "tensor_parameters[0].parameters.density: must be <= 1.0"),
-    ({"dtype": "float8"}, "dtype: must be one of"),
-    ({"max_shard_size": "big"}, "max_shard_size: expected a size"),
-    ({"colour": "blue"}, "colour: unknown field"),
-    ({"models": [{"path": "x"}]}, "models[0].path: unknown field"),
-    ({"push_to_hub": {"private": True}}, "push_to_hub.repo_id: required"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "soup"}, "method: unknown merge method 'soup'"),
+        ({"parameters": {"lambda": 1}}, "parameters.lambda: unknown parameter for method 'ties'"),
+        ({"models": []}, "models: at least one model is required"),
+        ({"tensor_parameters": [{"filter": "re:(", "parameters": {}}]}, "tensor_parameters[0].filter: invalid regex"),
+        (
+            {"tensor_parameters": [{"filter": "x", "parameters": {"density": 2}}]},
+            "tensor_parameters[0].parameters.density: must be <= 1.0",
+        ),
+        ({"dtype": "float8"}, "dtype: must be one of"),
+        ({"max_shard_size": "big"}, "max_shard_size: expected a size"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"models": [{"path": "x"}]}, "models[0].path: unknown field"),
+        ({"push_to_hub": {"private": True}}, "push_to_hub.repo_id: required"),
+    ],
+)
 def test_recipe_validation_names_the_field(family, tmp_path, change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         MergeConfig.from_dict({**recipe(family, tmp_path / "out"), **change})
@@ -386,8 +468,9 @@ def test_search_scores_every_grid_point_and_writes_the_best(family, tmp_path, ev
         state = merged if evaluate_on == "state_dict" else dict(CheckpointReader(merged))
         return -sum(float((state[name] - target[name]).pow(2).sum()) for name in target)
 
-    result = search_coefficients(recipe(family, tmp_path / "out", "ties"), evaluate, evaluate_on=evaluate_on,
-                                 progress=False)  # fmt: skip
+    result = search_coefficients(
+        recipe(family, tmp_path / "out", "ties"), evaluate, evaluate_on=evaluate_on, progress=False
+    )
     assert [(row["alpha"], row["density"]) for row in result.table] == [
         (alpha, density) for alpha in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0) for density in (0.3, 0.2, 0.1)
     ]
@@ -398,7 +481,9 @@ def test_search_scores_every_grid_point_and_writes_the_best(family, tmp_path, ev
     assert json.loads((result.output_dir / "search_table.json").read_text()) == result.table
     assert (result.output_dir / "search_table.csv").read_text().splitlines()[0] == "alpha,density,score"
     assert yaml.safe_load((result.output_dir / "merge_config.yaml").read_text())["parameters"] == result.best_parameters
-    assert evaluate(result.output_dir if evaluate_on == "folder" else merged_weights(result.output_dir)) == best["score"]
+    assert (
+        evaluate(result.output_dir if evaluate_on == "folder" else merged_weights(result.output_dir)) == best["score"]
+    )
 
 
 # ---- command line and recipe script -----------------------------------------------------------------------------
@@ -415,10 +500,24 @@ def test_console_script_and_recipe_script_merge_like_the_api(family, tmp_path):
     config_path.write_text(yaml.safe_dump(recipe(family, tmp_path / "unused", "ties", {"density": 0.3})))
     api = merge(MergeConfig.from_yaml(config_path).replace(output_dir=str(tmp_path / "api")), progress=False)
     console_script = Path(sys.executable).with_name("saft-hf")  # installed from pyproject's [project.scripts]
-    cli = _run(str(console_script), "merge", str(config_path), "--output_dir", str(tmp_path / "cli"), "--no_progress",
-               cwd=tmp_path)  # fmt: skip
-    script = _run(sys.executable, str(REPO / "recipes" / "merge.py"), "--config", str(config_path), "--output_dir",
-                  str(tmp_path / "script"), cwd=tmp_path)  # fmt: skip
+    cli = _run(
+        str(console_script),
+        "merge",
+        str(config_path),
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--no_progress",
+        cwd=tmp_path,
+    )
+    script = _run(
+        sys.executable,
+        str(REPO / "recipes" / "merge.py"),
+        "--config",
+        str(config_path),
+        "--output_dir",
+        str(tmp_path / "script"),
+        cwd=tmp_path,
+    )
     assert cli.returncode == 0 and script.returncode == 0, cli.stderr + script.stderr
     for folder in ("cli", "script"):
         assert (tmp_path / folder / "model.safetensors").read_bytes() == (api / "model.safetensors").read_bytes()
@@ -426,11 +525,35 @@ def test_console_script_and_recipe_script_merge_like_the_api(family, tmp_path):
 
 def test_cli_task_vector_matches_the_api(family, tmp_path):
     base_dir, tuned = family
-    assert cli_main(["task-vector", "--base", str(base_dir), "--finetuned", str(tuned[0]), "-o", str(tmp_path / "tv"),
-                     "--task", "digits", "--sam_mode", "asam", "--sam_rho", "0.5", "--max_shard_size", "4KB"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "task-vector",
+                "--base",
+                str(base_dir),
+                "--finetuned",
+                str(tuned[0]),
+                "-o",
+                str(tmp_path / "tv"),
+                "--task",
+                "digits",
+                "--sam_mode",
+                "asam",
+                "--sam_rho",
+                "0.5",
+                "--max_shard_size",
+                "4KB",
+            ]
+        )
+        == 0
+    )
     loaded, expected = TaskVector.load(tmp_path / "tv"), TaskVector.from_models(base_dir, tuned[0])
     assert (tmp_path / "tv" / "task_vector.safetensors.index.json").is_file()
-    assert (loaded.metadata["task"], loaded.metadata["sam_mode"], loaded.metadata["sam_rho"]) == ("digits", "asam", "0.5")
+    assert (loaded.metadata["task"], loaded.metadata["sam_mode"], loaded.metadata["sam_rho"]) == (
+        "digits",
+        "asam",
+        "0.5",
+    )
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)
 
 
@@ -442,8 +565,11 @@ def test_push_to_hub_uploads_the_finished_folder_once(family, tmp_path, monkeypa
         return "0" * 40
 
     monkeypatch.setattr("saft_hf.hub.push_folder", push_folder)
-    merge(recipe(family, tmp_path / "out", "ties", push_to_hub={"repo_id": "org/merged", "private": True}),
-          token="hf_secret", progress=False)  # fmt: skip
+    merge(
+        recipe(family, tmp_path / "out", "ties", push_to_hub={"repo_id": "org/merged", "private": True}),
+        token="hf_secret",
+        progress=False,
+    )
     vector = TaskVector.from_models(*family[0:1], family[1][0], task="digits")
     vector.push_to_hub("org/vector", token="hf_secret")
     (merged_push, vector_push) = pushed
@@ -469,13 +595,21 @@ def test_search_with_the_built_in_validation_accuracy(tmp_path):
     base_dir = save_tiny_clip(tmp_path / "base", seed=0)
     base = CLIPModel.from_pretrained(base_dir)
     tuned = [save(finetune_like(base, seed=seed, scale=0.2), tmp_path / f"ft{seed}") for seed in (1, 2)]
-    config = {"base_model": str(base_dir), "models": [str(path) for path in tuned], "method": "task_arithmetic",
-              "output_dir": str(tmp_path / "out")}  # fmt: skip
+    config = {
+        "base_model": str(base_dir),
+        "models": [str(path) for path in tuned],
+        "method": "task_arithmetic",
+        "output_dir": str(tmp_path / "out"),
+    }
     options = dict(max_samples=24, batch_size=8, progress=False)
     evaluate = task_accuracy_evaluator(["digits", "digits_parity"], model=base_dir, **options)
     result = search_coefficients(config, evaluate, grid={"alpha": [0.5, 1.0]}, progress=False)
     for row in result.table:
-        merged = merge({**config, "parameters": {"alpha": row["alpha"]}, "output_dir": str(tmp_path / f"a{row['alpha']}")},
-                       progress=False)  # fmt: skip
-        direct = [evaluate_model(merged, task, "validation", **options)["accuracy"] for task in ("digits", "digits_parity")]
+        merged = merge(
+            {**config, "parameters": {"alpha": row["alpha"]}, "output_dir": str(tmp_path / f"a{row['alpha']}")},
+            progress=False,
+        )
+        direct = [
+            evaluate_model(merged, task, "validation", **options)["accuracy"] for task in ("digits", "digits_parity")
+        ]
         assert row["score"] == pytest.approx(sum(direct) / 2)

@@ -24,8 +24,12 @@ def vit_like_tensors(count: int, seed: int = 0) -> tuple[dict[str, torch.Tensor]
     def normal(*shape, scale=1.0):
         return scale * torch.randn(*shape, generator=generator)
 
-    base = {"proj": normal(512, 512, scale=0.02), "norm": 1 + normal(512, scale=0.05), "bias": normal(512, scale=1e-3),
-            "embedding": normal(50, 512)}  # fmt: skip
+    base = {
+        "proj": normal(512, 512, scale=0.02),
+        "norm": 1 + normal(512, scale=0.05),
+        "bias": normal(512, scale=1e-3),
+        "embedding": normal(50, 512),
+    }
     tuned = [{name: tensor + normal(*tensor.shape, scale=1e-3) for name, tensor in base.items()} for _ in range(count)]
     return base, tuned
 
@@ -48,8 +52,11 @@ def test_float32_task_arithmetic_is_within_one_rounding_of_float64(alpha, weight
 
 
 def test_only_task_arithmetic_opts_into_float32():
-    assert [name for name in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "weight_average", "slerp")
-            if get_method(name).float32] == ["task_arithmetic"]  # fmt: skip
+    assert [
+        name
+        for name in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "weight_average", "slerp")
+        if get_method(name).float32
+    ] == ["task_arithmetic"]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,14 @@ def merged(folder) -> dict[str, torch.Tensor]:
 
 def recipe(family, output_dir, **changes) -> dict:
     base_dir, tuned = family
-    return {"base_model": str(base_dir), "models": [str(path) for path in tuned], "method": "task_arithmetic",
-            "parameters": {"alpha": 0.4}, "output_dir": str(output_dir), **changes}  # fmt: skip
+    return {
+        "base_model": str(base_dir),
+        "models": [str(path) for path in tuned],
+        "method": "task_arithmetic",
+        "parameters": {"alpha": 0.4},
+        "output_dir": str(output_dir),
+        **changes,
+    }
 
 
 def test_engine_merges_float32_models_in_float32(family, tmp_path):

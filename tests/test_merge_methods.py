@@ -13,6 +13,7 @@ from saft_hf.merging import methods
 from saft_hf.merging.methods import MERGE_METHODS, MethodParameter, get_method, magnitude_band, register_merge_method
 from saft_hf.merging.search import paper_grid
 
+
 def T(values):
     return torch.tensor(values, dtype=torch.float64)
 
@@ -39,25 +40,61 @@ HAND_CASES = [
     # weights [1,2,1], weighted signs: entry 0: 4 - 6 < 0 -> only tau_2 agrees: 2*(-3)/2; entry 4: -10 + 2 < 0 -> -5
     ("ties", T([0.0] * 5), TIES_TAUS, [1, 2, 1], {"alpha": 1.0, "density": 0.4}, [-3, -6, 0, 3, -5]),
     # same, dividing by the count of agreeing models: 2*(-3)/1, 2*(-5)/1
-    ("ties", T([0.0] * 5), TIES_TAUS, [1, 2, 1], {"alpha": 1.0, "density": 0.4, "disjoint_mean": "count"},
-     [-6, -6, 0, 3, -10]),
+    (
+        "ties",
+        T([0.0] * 5),
+        TIES_TAUS,
+        [1, 2, 1],
+        {"alpha": 1.0, "density": 0.4, "disjoint_mean": "count"},
+        [-6, -6, 0, 3, -10],
+    ),
     # unweighted signs: entry 0: 4 - 3 > 0 -> tau_1 agrees (weight 1): 4; entry 4: -5 + 2 < 0 -> 2*(-5)/2
-    ("ties", T([0.0] * 5), TIES_TAUS, [1, 2, 1], {"alpha": 1.0, "density": 0.4, "sign_election": "unweighted"},
-     [4, -6, 0, 3, -5]),
+    (
+        "ties",
+        T([0.0] * 5),
+        TIES_TAUS,
+        [1, 2, 1],
+        {"alpha": 1.0, "density": 0.4, "sign_election": "unweighted"},
+        [4, -6, 0, 3, -5],
+    ),
     # breadcrumbs on one model: drop the top 10% (10), keep the next 50% (8, 5, -4, -3, 2)
-    ("breadcrumbs", T([0.0] * 10), [T([10.0, -1, 5, 0.1, -3, 2, 0.5, 8, -4, 1])], None,
-     {"alpha": 1.0, "density": 0.5, "gamma": 0.1}, [0, 0, 5, 0, -3, 2, 0, 8, -4, 0]),
+    (
+        "breadcrumbs",
+        T([0.0] * 10),
+        [T([10.0, -1, 5, 0.1, -3, 2, 0.5, 8, -4, 1])],
+        None,
+        {"alpha": 1.0, "density": 0.5, "gamma": 0.1},
+        [0, 0, 5, 0, -3, 2, 0, 8, -4, 0],
+    ),
     # model stock, orthogonal task vectors: cos 0 -> t 0 -> the base
     ("model_stock", T([1.0, 2]), [T([2.0, 2]), T([1.0, 3])], None, {}, [1, 2]),
     # model stock, tau = [1,0], [1,1]: cos = 1/sqrt2, t = 2 cos / (cos + 1) = 2 sqrt2 - 2, mean tau = [1, .5]
-    ("model_stock", T([0.0, 0]), [T([1.0, 0]), T([1.0, 1])], None, {},
-     [2 * math.sqrt(2) - 2, (2 * math.sqrt(2) - 2) / 2]),
+    (
+        "model_stock",
+        T([0.0, 0]),
+        [T([1.0, 0]), T([1.0, 1])],
+        None,
+        {},
+        [2 * math.sqrt(2) - 2, (2 * math.sqrt(2) - 2) / 2],
+    ),
     ("linear_interpolation", T([9.0, 9]), [T([0.0, 4]), T([4.0, 0])], None, {"alpha": 0.25}, [1, 3]),
     # density 1 keeps everything: DARE is task arithmetic / TIES without the trim
-    ("dare_linear", T([1.0, 1, 1]), [T([2.0, 0, 1]), T([1.0, 3, 0])], [1, 0.5], {"alpha": 0.5, "density": 1.0},
-     [1.5, 1, 0.75]),
-    ("dare_ties", T([0.0] * 5), TIES_TAUS, None, {"alpha": 1.0, "density": 1.0},
-     [(4 + 1) / 2, (-1 - 6) / 2, (0.5 + 0.2 + 0.1) / 3, (3 + 1) / 2, (-2 - 5) / 2]),
+    (
+        "dare_linear",
+        T([1.0, 1, 1]),
+        [T([2.0, 0, 1]), T([1.0, 3, 0])],
+        [1, 0.5],
+        {"alpha": 0.5, "density": 1.0},
+        [1.5, 1, 0.75],
+    ),
+    (
+        "dare_ties",
+        T([0.0] * 5),
+        TIES_TAUS,
+        None,
+        {"alpha": 1.0, "density": 1.0},
+        [(4 + 1) / 2, (-1 - 6) / 2, (0.5 + 0.2 + 0.1) / 3, (3 + 1) / 2, (-2 - 5) / 2],
+    ),
     # density 0.7 of 5 keeps int(3.5) = 3 entries per model: [4, 0, 0, 3, -2], [-3, 2, 0, 0, -5], [1, -6, 0, 0, 2]
     # (rounding to 4 would also keep 1 and -0.4 at entry 3, giving (3 + 1) / 2 there)
     ("ties", T([0.0] * 5), TIES_TAUS, None, {"alpha": 1.0, "density": 0.7}, [2.5, -6, 0, 3, -3.5]),
@@ -65,37 +102,72 @@ HAND_CASES = [
     # entries 0 and 4 get 4 + 3 and 5 + 2 over agreeing weights 1 - 1 = 0, a zero divisor, so divided by 1 (mergekit)
     ("ties", T([0.0] * 5), TIES_TAUS, [1, -1, 1], {"alpha": 1.0, "density": 0.4}, [7, -6, 0, 3, 7]),
     # no division (mergekit's normalize: false): the agreeing entries summed
-    ("ties", T([0.0] * 5), TIES_TAUS, None, {"alpha": 1.0, "density": 0.4, "disjoint_mean": "none"},
-     [4, -6, 0, 3, -5]),
+    ("ties", T([0.0] * 5), TIES_TAUS, None, {"alpha": 1.0, "density": 0.4, "disjoint_mean": "none"}, [4, -6, 0, 3, -5]),
     # breadcrumbs density 0.8 + gamma 0.3 > 1: keep int(8) = 8 entries, so only 10 - 8 = 2 outliers (10, 8) drop
-    ("breadcrumbs", T([0.0] * 10), [T([10.0, -1, 5, 0.1, -3, 2, 0.5, 8, -4, 1])], None,
-     {"alpha": 1.0, "density": 0.8, "gamma": 0.3}, [0, -1, 5, 0.1, -3, 2, 0.5, 0, -4, 1]),
+    (
+        "breadcrumbs",
+        T([0.0] * 10),
+        [T([10.0, -1, 5, 0.1, -3, 2, 0.5, 8, -4, 1])],
+        None,
+        {"alpha": 1.0, "density": 0.8, "gamma": 0.3},
+        [0, -1, 5, 0.1, -3, 2, 0.5, 0, -4, 1],
+    ),
     # slerp of orthogonal [2, 0] and [0, 1]: theta = pi / 2, t = 1/3: sin(pi/3) [2, 0] + sin(pi/6) [0, 1]
     ("slerp", T([7.0, 7]), [T([2.0, 0]), T([0.0, 1])], None, {"t": 1 / 3}, [math.sqrt(3), 0.5]),
     # collinear models are interpolated linearly
     ("slerp", T([7.0, 7]), [T([1.0, 1]), T([2.0, 2])], None, {"t": 0.25}, [1.25, 1.25]),
     # density 1 keeps every entry: DELLA is TIES / task arithmetic without the trim
-    ("della", T([0.0] * 5), TIES_TAUS, None, {"alpha": 1.0, "density": 1.0},
-     [(4 + 1) / 2, (-1 - 6) / 2, (0.5 + 0.2 + 0.1) / 3, (3 + 1) / 2, (-2 - 5) / 2]),
-    ("della_linear", T([1.0, 1, 1]), [T([2.0, 0, 1]), T([1.0, 3, 0])], [1, 0.5], {"alpha": 0.5, "density": 1.0},
-     [1.5, 1, 0.75]),
+    (
+        "della",
+        T([0.0] * 5),
+        TIES_TAUS,
+        None,
+        {"alpha": 1.0, "density": 1.0},
+        [(4 + 1) / 2, (-1 - 6) / 2, (0.5 + 0.2 + 0.1) / 3, (3 + 1) / 2, (-2 - 5) / 2],
+    ),
+    (
+        "della_linear",
+        T([1.0, 1, 1]),
+        [T([2.0, 0, 1]), T([1.0, 3, 0])],
+        [1, 0.5],
+        {"alpha": 0.5, "density": 1.0},
+        [1.5, 1, 0.75],
+    ),
     # TSV-M, T = 2 on 2 x 2 (r = 1): tau_1 = diag(3, 1) keeps 3 e1 e1^T, tau_2 = diag(0, 2) keeps 2 e2 e2^T; the
     # stacked U = V = I are orthonormal already: base + alpha diag(3, 2)
-    ("tsv_m", T([[1.0, 1], [1, 1]]), [T([[4.0, 1], [1, 2]]), T([[1.0, 1], [1, 3]])], None, {"alpha": 0.5},
-     [[2.5, 1], [1, 2]]),
+    (
+        "tsv_m",
+        T([[1.0, 1], [1, 1]]),
+        [T([[4.0, 1], [1, 2]]), T([[1.0, 1], [1, 3]])],
+        None,
+        {"alpha": 0.5},
+        [[2.5, 1], [1, 2]],
+    ),
     # non-2-D tensors: the mean task vector, scaled: [2, 0] and [0, 4] -> [1, 2]
     ("tsv_m", T([1.0, 1]), [T([3.0, 1]), T([1.0, 5])], None, {"alpha": 1.0}, [2, 3]),
     # Iso-C: sum diag(3, 0) + diag(0, 1) = diag(3, 1) -> flat spectrum 2 I
-    ("iso_c", T([[0.0, 0], [0, 0]]), [T([[3.0, 0], [0, 0]]), T([[0.0, 0], [0, 1]])], None, {"alpha": 1.5},
-     [[3, 0], [0, 3]]),
+    (
+        "iso_c",
+        T([[0.0, 0], [0, 0]]),
+        [T([[3.0, 0], [0, 0]]), T([[0.0, 0], [0, 1]])],
+        None,
+        {"alpha": 1.5},
+        [[3, 0], [0, 3]],
+    ),
     ("iso_c", T([1.0, 1]), [T([3.0, 1]), T([1.0, 5])], None, {"alpha": 0.5}, [2, 3]),
     # Iso-CTS on 3 x 3, T = 2, c = int(3 * 0.34) = 1, s = int(2 / 2) = 1: sum diag(4, 1, 2) gives the common e1
     # (value 4); tau_1 = diag(4, 1, 0) minus its e1 part leaves e2 (1), tau_2 = diag(0, 0, 2) leaves e3 (2);
     # U = V = I, mean value 7/3
-    ("iso_cts", T([[0.0] * 3] * 3), [torch.diag(T([4.0, 1, 0])), torch.diag(T([0.0, 0, 2]))], None,
-     {"alpha": 1.0, "common_space_fraction": 0.34}, [[7 / 3, 0, 0], [0, 7 / 3, 0], [0, 0, 7 / 3]]),
+    (
+        "iso_cts",
+        T([[0.0] * 3] * 3),
+        [torch.diag(T([4.0, 1, 0])), torch.diag(T([0.0, 0, 2]))],
+        None,
+        {"alpha": 1.0, "common_space_fraction": 0.34},
+        [[7 / 3, 0, 0], [0, 7 / 3, 0], [0, 0, 7 / 3]],
+    ),
     ("iso_cts", T([1.0, 1]), [T([3.0, 1]), T([1.0, 5])], None, {"alpha": 0.5}, [2, 3]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("method", "base", "finetuned", "weights", "parameters", "expected"), HAND_CASES)
@@ -140,24 +212,39 @@ def test_della_keeps_by_magnitude_rank_with_the_documented_draws(rescale):
     # rows ranked by magnitude: [3, -1, 2] -> keep probabilities 0.7, 0.3, 0.5 (density 0.5 -+ epsilon 0.2)
     tau = T([[3.0, -1, 2], [0.5, 4, -6]])
     probability = T([[0.7, 0.3, 0.5], [0.3, 0.5, 0.7]])
-    merged = run("della_linear", torch.zeros(2, 3), [tau], alpha=1.0, density=0.5, epsilon=0.2, rescale=rescale,
-                 seed=5)  # fmt: skip
+    merged = run("della_linear", torch.zeros(2, 3), [tau], alpha=1.0, density=0.5, epsilon=0.2, rescale=rescale, seed=5)
     keep = torch.rand((2, 3), generator=torch.Generator().manual_seed(5)) < probability
     kept = tau * keep
-    expected = {"inverse_density": kept / probability, "none": kept,
-                "l1_norm": kept * tau.abs().sum() / kept.abs().sum()}[rescale]  # fmt: skip
+    expected = {
+        "inverse_density": kept / probability,
+        "none": kept,
+        "l1_norm": kept * tau.abs().sum() / kept.abs().sum(),
+    }[rescale]
     torch.testing.assert_close(merged, expected, rtol=1e-12, atol=0)
     # a 1-D tensor is ranked as one row: the second model (seed + 1) draws from its own generator
-    merged = run("della_linear", torch.zeros(3), [T([1.0, 2, 3]), T([3.0, -1, 2])], [0.0, 1.0], alpha=1.0,
-                 density=0.5, epsilon=0.2, rescale="none", seed=5)  # fmt: skip
+    merged = run(
+        "della_linear",
+        torch.zeros(3),
+        [T([1.0, 2, 3]), T([3.0, -1, 2])],
+        [0.0, 1.0],
+        alpha=1.0,
+        density=0.5,
+        epsilon=0.2,
+        rescale="none",
+        seed=5,
+    )
     keep = torch.rand(3, generator=torch.Generator().manual_seed(6)) < T([0.7, 0.3, 0.5])
     torch.testing.assert_close(merged, T([3.0, -1, 2]) * keep, rtol=0, atol=0)
 
 
 def test_della_keeps_large_entries_more_often():
     tau = torch.arange(1, 201, dtype=torch.float64).reshape(1, 200)
-    kept = sum((run("della_linear", torch.zeros(1, 200), [tau], density=0.5, epsilon=0.4, rescale="none", seed=s)
-                != 0).double() for s in range(40))  # fmt: skip
+    kept = sum(
+        (
+            run("della_linear", torch.zeros(1, 200), [tau], density=0.5, epsilon=0.4, rescale="none", seed=s) != 0
+        ).double()
+        for s in range(40)
+    )
     assert kept[0, :50].mean() < 0.3 * 40 and kept[0, -50:].mean() > 0.7 * 40
 
 
@@ -179,8 +266,7 @@ def test_tsv_m_matches_a_numpy_reference():
     left = polar_by_eigh(np.concatenate([part[0] for part in parts], axis=1))
     right = polar_by_eigh(np.concatenate([part[2] for part in parts], axis=0).T).T
     expected = base.double().numpy() + 0.8 * left @ np.diag(np.concatenate([part[1] for part in parts])) @ right
-    torch.testing.assert_close(run("tsv_m", base, finetuned, alpha=0.8), torch.from_numpy(expected), rtol=0,
-                               atol=1e-10)  # fmt: skip
+    torch.testing.assert_close(run("tsv_m", base, finetuned, alpha=0.8), torch.from_numpy(expected), rtol=0, atol=1e-10)
 
 
 def test_iso_cts_matches_a_numpy_reference():
@@ -202,8 +288,9 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     merged = run("iso_c", base, finetuned, alpha=1.0) - base.double()
     total = sum(tensor.double() - base.double() for tensor in finetuned)
     values = torch.linalg.svdvals(merged)
-    torch.testing.assert_close(values, torch.full((5,), torch.linalg.svdvals(total).mean().item(),
-                                                  dtype=torch.float64), rtol=1e-10, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        values, torch.full((5,), torch.linalg.svdvals(total).mean().item(), dtype=torch.float64), rtol=1e-10, atol=0
+    )
     # same singular subspaces as the sum: projecting the sum onto them loses nothing
     left = torch.linalg.svd(merged, full_matrices=False).U
     torch.testing.assert_close(left @ left.T @ total, total, rtol=0, atol=1e-10)
@@ -230,8 +317,11 @@ def reference_ties(base, finetuned, weights, *, alpha, density, sign_election, d
     elected[elected == 0] = 1
     agree = torch.sign(voted) == elected
     numerator = (trimmed * w * agree).sum(0)
-    denominator = {"weight_sum": (w * agree).sum(0), "count": agree.sum(0).double(),
-                   "none": torch.ones_like(numerator)}[disjoint_mean]  # fmt: skip
+    denominator = {
+        "weight_sum": (w * agree).sum(0),
+        "count": agree.sum(0).double(),
+        "none": torch.ones_like(numerator),
+    }[disjoint_mean]
     return base.double() + alpha * numerator / torch.where(denominator == 0, 1.0, denominator)
 
 
@@ -244,12 +334,15 @@ def random_inputs(seed, shape, count):
 
 @pytest.mark.parametrize("sign_election", ["weighted", "unweighted"])
 @pytest.mark.parametrize("disjoint_mean", ["weight_sum", "count", "none"])
-@pytest.mark.parametrize(("shape", "count", "density", "weights"), [
-    ((64, 32), 3, 0.2, [1.0, 1.0, 1.0]),  # 409.6 entries: 409 kept
-    ((50,), 4, 0.3, [0.5, 2.0, -1.0, 0.25]),
-    ((8, 4, 3), 2, 0.75, [1.5, 0.7]),
-    ((7, 3), 3, 0.03, [1.0, 1.0, 1.0]),  # 0.63 entries: 1 kept
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("shape", "count", "density", "weights"),
+    [
+        ((64, 32), 3, 0.2, [1.0, 1.0, 1.0]),  # 409.6 entries: 409 kept
+        ((50,), 4, 0.3, [0.5, 2.0, -1.0, 0.25]),
+        ((8, 4, 3), 2, 0.75, [1.5, 0.7]),
+        ((7, 3), 3, 0.03, [1.0, 1.0, 1.0]),  # 0.63 entries: 1 kept
+    ],
+)
 def test_ties_matches_stacked_full_sort_reference(sign_election, disjoint_mean, shape, count, density, weights):
     base, finetuned = random_inputs(sum(shape) + count, shape, count)
     options = dict(alpha=0.7, density=density, sign_election=sign_election, disjoint_mean=disjoint_mean)
@@ -260,8 +353,9 @@ def test_ties_matches_stacked_full_sort_reference(sign_election, disjoint_mean, 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 2.0, 1.5]])
 def test_ties_unweighted_count_is_peft_ties(weights):
     base, finetuned = random_inputs(7, (40, 10), 3)  # density * numel = 80 exactly: PEFT's int() and our round agree
-    merged = run("ties", base, finetuned, weights, alpha=1.0, density=0.2, sign_election="unweighted",
-                 disjoint_mean="count")  # fmt: skip
+    merged = run(
+        "ties", base, finetuned, weights, alpha=1.0, density=0.2, sign_election="unweighted", disjoint_mean="count"
+    )
     taus = [tensor.double() - base.double() for tensor in finetuned]
     peft_delta = merge_utils.ties(taus, torch.tensor(weights, dtype=torch.float64), density=0.2)
     torch.testing.assert_close(merged, base.double() + peft_delta, rtol=0, atol=1e-12)
@@ -271,13 +365,17 @@ def test_equal_weights_make_the_conventions_agree():
     base, finetuned = random_inputs(5, (30, 20), 4)
     # Equal weights: weighted and unweighted sign election elect the same signs.
     equal = [0.6] * 4
-    assert torch.equal(run("ties", base, finetuned, equal, sign_election="weighted"),
-                       run("ties", base, finetuned, equal, sign_election="unweighted"))  # fmt: skip
+    assert torch.equal(
+        run("ties", base, finetuned, equal, sign_election="weighted"),
+        run("ties", base, finetuned, equal, sign_election="unweighted"),
+    )
     # Unit weights: dividing by the agreeing weights or by their count is the same.
     ones = [1.0] * 4
     for method in ("ties", "dare_ties"):
-        assert torch.equal(run(method, base, finetuned, ones, disjoint_mean="weight_sum"),
-                           run(method, base, finetuned, ones, disjoint_mean="count"))  # fmt: skip
+        assert torch.equal(
+            run(method, base, finetuned, ones, disjoint_mean="weight_sum"),
+            run(method, base, finetuned, ones, disjoint_mean="count"),
+        )
 
 
 def test_magnitude_band_uses_the_kth_largest_threshold():
@@ -308,19 +406,28 @@ def test_one_model_alpha_one_task_arithmetic_is_exact_in_float32():
     assert torch.equal(merged, tuned)
 
 
-@pytest.mark.parametrize(("method", "models", "parameters", "weights", "message"), [
-    ("nope", 2, {}, None, "method: unknown merge method 'nope'"),
-    ("ties", 2, {"lambda": 1}, None, "parameters.lambda: unknown parameter for method 'ties'"),
-    ("ties", 2, {"density": 0}, None, "parameters.density: must be > 0.0"),
-    ("ties", 2, {"density": 1.5}, None, "parameters.density: must be <= 1.0"),
-    ("ties", 2, {"sign_election": "mass"}, None, "parameters.sign_election: must be one of"),
-    ("ties", 2, {"alpha": "high"}, None, "parameters.alpha: expected a number"),
-    ("della", 2, {"density": 0.9, "epsilon": 0.1}, None, "parameters.epsilon: density - epsilon and density + epsilon"),
-    ("slerp", 3, {}, None, "models: method 'slerp' needs 2 models, got 3"),
-    ("linear_interpolation", 3, {}, None, "models: method 'linear_interpolation' needs 2 models, got 3"),
-    ("model_stock", 1, {}, None, "needs at least 2 models"),
-    ("task_arithmetic", 2, {}, [1.0], "weights: 1 weights for 2 models"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "models", "parameters", "weights", "message"),
+    [
+        ("nope", 2, {}, None, "method: unknown merge method 'nope'"),
+        ("ties", 2, {"lambda": 1}, None, "parameters.lambda: unknown parameter for method 'ties'"),
+        ("ties", 2, {"density": 0}, None, "parameters.density: must be > 0.0"),
+        ("ties", 2, {"density": 1.5}, None, "parameters.density: must be <= 1.0"),
+        ("ties", 2, {"sign_election": "mass"}, None, "parameters.sign_election: must be one of"),
+        ("ties", 2, {"alpha": "high"}, None, "parameters.alpha: expected a number"),
+        (
+            "della",
+            2,
+            {"density": 0.9, "epsilon": 0.1},
+            None,
+            "parameters.epsilon: density - epsilon and density + epsilon",
+        ),
+        ("slerp", 3, {}, None, "models: method 'slerp' needs 2 models, got 3"),
+        ("linear_interpolation", 3, {}, None, "models: method 'linear_interpolation' needs 2 models, got 3"),
+        ("model_stock", 1, {}, None, "needs at least 2 models"),
+        ("task_arithmetic", 2, {}, [1.0], "weights: 1 weights for 2 models"),
+    ],
+)
 def test_invalid_calls_name_the_problem(method, models, parameters, weights, message):
     base, finetuned = random_inputs(0, (4,), models)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -335,9 +442,9 @@ def test_yaml_style_number_strings_are_accepted():
 def test_registry_accepts_new_methods_with_required_parameters(monkeypatch):
     monkeypatch.setattr(methods, "MERGE_METHODS", dict(MERGE_METHODS))  # registrations vanish after the test
 
-    @register_merge_method("scaled_mean", reference="a test", parameters=(
-        MethodParameter("scale", "Multiplies the mean.", minimum=0.0),
-    ))  # fmt: skip
+    @register_merge_method(
+        "scaled_mean", reference="a test", parameters=(MethodParameter("scale", "Multiplies the mean.", minimum=0.0),)
+    )
     def scaled_mean(base, finetuned, weights, *, scale):
         return scale * torch.stack([tensor.double() for tensor in finetuned]).mean(0)
 

@@ -25,8 +25,16 @@ def recorded():
 
 
 # mergekit's per-method defaults (merge_methods/registry.py): does the method normalize / rescale unless told?
-NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False,
-             "breadcrumbs": False, "della": True, "della_linear": False}  # fmt: skip
+NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+    "breadcrumbs": False,
+    "della": True,
+    "della_linear": False,
+}
 CONSENSUS = {"ties", "dare_ties", "della"}
 RESCALED = {"dare_linear", "dare_ties", "della", "della_linear"}
 
@@ -65,9 +73,18 @@ def test_methods_match_mergekit(recorded, case):
 
 
 def test_recorded_cases_cover_every_shared_method():
-    assert {case["method"] for case in KERNELS.values()} == {"linear", "task_arithmetic", "ties", "breadcrumbs",
-                                                              "dare_linear", "dare_ties", "della", "della_linear",
-                                                              "model_stock", "slerp"}  # fmt: skip
+    assert {case["method"] for case in KERNELS.values()} == {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "breadcrumbs",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "slerp",
+    }
 
 
 # ---- PEFT, live -------------------------------------------------------------------------------------------------
@@ -119,8 +136,9 @@ def test_task_arithmetic_matches_peft(shape, weights):
 def test_ties_matches_peft(shape, weights, density):
     # density * n is fractional for these sizes: both keep int(density * n) entries
     base, finetuned = random_inputs(2, shape, 3)
-    merged = get_method("ties")(base, finetuned, weights, alpha=1.0, density=density, sign_election="unweighted",
-                                disjoint_mean="count")  # fmt: skip
+    merged = get_method("ties")(
+        base, finetuned, weights, alpha=1.0, density=density, sign_election="unweighted", disjoint_mean="count"
+    )
     expected = peft_merge(merge_utils.ties, base, finetuned, weights, density=density)
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-12)
 
@@ -144,6 +162,7 @@ def test_dare_matches_peft_with_the_same_masks(saft_hf_masks, shape, weights):
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-12)
     saft_hf_masks(22)
     expected = peft_merge(merge_utils.dare_ties, base, finetuned, weights, density=0.6)
-    merged = get_method("dare_ties")(base, finetuned, weights, alpha=1.0, density=0.6, seed=22,
-                                     sign_election="unweighted", disjoint_mean="count")  # fmt: skip
+    merged = get_method("dare_ties")(
+        base, finetuned, weights, alpha=1.0, density=0.6, seed=22, sign_election="unweighted", disjoint_mean="count"
+    )
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-12)

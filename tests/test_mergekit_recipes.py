@@ -30,8 +30,16 @@ def merged_weights(folder):
 
 
 def test_every_documented_method_has_a_recipe():
-    assert set(RECIPES) >= {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                            "model_stock", "slerp"}  # fmt: skip
+    assert set(RECIPES) >= {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "model_stock",
+        "slerp",
+    }
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -51,30 +59,59 @@ def test_recipe_gives_mergekits_tensors(in_models, tmp_path, name):
 
 def test_conversion_maps_mergekit_semantics():
     # normalize on a linear sum divides lambda by the weight sum; ties' divisor and sign rule are mergekit's
-    converted = from_mergekit({"merge_method": "task_arithmetic", "base_model": "b", "models": [
-        {"model": "x", "parameters": {"weight": 0.5}}, {"model": "y", "parameters": {"weight": 1.5}}],
-        "parameters": {"normalize": True, "lambda": 0.8}})  # fmt: skip
+    converted = from_mergekit(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": 0.5}}, {"model": "y", "parameters": {"weight": 1.5}}],
+            "parameters": {"normalize": True, "lambda": 0.8},
+        }
+    )
     assert converted["parameters"] == {"alpha": 0.4}
-    converted = from_mergekit({"merge_method": "ties", "base_model": "b", "models": ["b", "x", "y"], "parameters": {
-        "weight": 1.0, "density": 1.7, "normalize": False, "lambda": 2}})  # fmt: skip
+    converted = from_mergekit(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": ["b", "x", "y"],
+            "parameters": {"weight": 1.0, "density": 1.7, "normalize": False, "lambda": 2},
+        }
+    )
     assert [model["model"] for model in converted["models"]] == ["x", "y"]  # the base is not merged with itself
-    assert converted["parameters"] == {"alpha": 2, "sign_election": "weighted", "disjoint_mean": "none",
-                                       "density": 1.0}  # fmt: skip
-    converted = from_mergekit({"merge_method": "dare_ties", "base_model": "b", "models": [
-        {"model": "x", "parameters": {"weight": 1, "density": 0.4}}], "parameters": {"rescale": False},
-        "out_dtype": "float16", "dtype": "float32", "output_dir": "merged"})  # fmt: skip
+    assert converted["parameters"] == {"alpha": 2, "sign_election": "weighted", "disjoint_mean": "none", "density": 1.0}
+    converted = from_mergekit(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": 1, "density": 0.4}}],
+            "parameters": {"rescale": False},
+            "out_dtype": "float16",
+            "dtype": "float32",
+            "output_dir": "merged",
+        }
+    )
     assert converted["parameters"]["rescale"] == "none" and converted["parameters"]["disjoint_mean"] == "none"
     assert converted["dtype"] == "float16" and converted["output_dir"] == "merged"
-    slerp = from_mergekit({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}],
-                           "parameters": {"t": 0.2}})  # fmt: skip
+    slerp = from_mergekit(
+        {"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}], "parameters": {"t": 0.2}}
+    )
     assert slerp["models"] == ["b", "a"] and slerp["parameters"] == {"t": 0.2}
 
 
 def test_filters_on_two_parameters_become_exclusive_regexes(in_models):
-    config = MergeConfig.from_dict({"merge_method": "ties", "base_model": "base", "models": [
-        {"model": "model_a", "parameters": {"weight": 1.0}}, {"model": "model_b", "parameters": {"weight": 1.0}}],
-        "parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}], "lambda": [
-            {"filter": "self_attn", "value": 0.5}, {"filter": "up_proj", "value": 2.0}]}})  # fmt: skip
+    config = MergeConfig.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": [
+                {"model": "model_a", "parameters": {"weight": 1.0}},
+                {"model": "model_b", "parameters": {"weight": 1.0}},
+            ],
+            "parameters": {
+                "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}],
+                "lambda": [{"filter": "self_attn", "value": 0.5}, {"filter": "up_proj", "value": 2.0}],
+            },
+        }
+    )
     expected = {  # tensor name -> (density, alpha), by mergekit's rule: each parameter's first matching filter
         "model.layers.0.mlp.up_proj.weight": (0.3, 2.0),
         "model.layers.0.mlp.down_proj.weight": (0.3, 1.0),
@@ -86,48 +123,89 @@ def test_filters_on_two_parameters_become_exclusive_regexes(in_models):
         assert (parameters["density"], parameters["alpha"]) == (density, alpha), name
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}]}, "slices: mergekit's layer slices are not"),
-    ({"tokenizer_source": "union"}, "tokenizer_source: only the base model's tokenizer is supported"),
-    ({"tokenizer": {"source": "union"}}, "tokenizer: tokenizer surgery is not supported"),
-    ({"chat_template": "chatml"}, "chat_template: setting a chat template is not supported"),
-    ({"merge_method": "nuslerp"}, "merge_method: mergekit method 'nuslerp' is not supported"),
-    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}], "parameters": {"density": [1, 0.7, 0.1]}},
-     "parameters.density: gradients (lists of values over layers) are not supported"),
-    ({"parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
-     "parameters.density: filters and gradients are not supported here"),
-    ({"models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}},
-                 {"model": "c", "parameters": {"weight": 1, "density": 0.3}}]},
-     "models[0].parameters.density: differs between models ([0.3, 0.5])"),
-    ({"models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]},
-     "models[0].parameters.weight: filters and gradients are not supported here"),
-    ({"models": [{"model": "a"}]}, "models[0].parameters.weight: required by mergekit"),
-    ({"models": [{"model": "a+lora", "parameters": {"weight": 1}}]}, "models[0].model: mergekit's `model+lora`"),
-    ({"parameters": {"rescale": True}}, "parameters.rescale: saft_hf's ties does not rescale"),
-    ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of mergekit's ties"),
-    ({"base_model": None}, "base_model: required by mergekit's ties"),
-    ({"lora_merge_cache": "/tmp"}, "lora_merge_cache: unknown field in a mergekit recipe"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}]}, "slices: mergekit's layer slices are not"),
+        ({"tokenizer_source": "union"}, "tokenizer_source: only the base model's tokenizer is supported"),
+        ({"tokenizer": {"source": "union"}}, "tokenizer: tokenizer surgery is not supported"),
+        ({"chat_template": "chatml"}, "chat_template: setting a chat template is not supported"),
+        ({"merge_method": "nuslerp"}, "merge_method: mergekit method 'nuslerp' is not supported"),
+        (
+            {"models": [{"model": "a", "parameters": {"weight": 1.0}}], "parameters": {"density": [1, 0.7, 0.1]}},
+            "parameters.density: gradients (lists of values over layers) are not supported",
+        ),
+        (
+            {"parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+            "parameters.density: filters and gradients are not supported here",
+        ),
+        (
+            {
+                "models": [
+                    {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
+                    {"model": "c", "parameters": {"weight": 1, "density": 0.3}},
+                ]
+            },
+            "models[0].parameters.density: differs between models ([0.3, 0.5])",
+        ),
+        (
+            {"models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]},
+            "models[0].parameters.weight: filters and gradients are not supported here",
+        ),
+        ({"models": [{"model": "a"}]}, "models[0].parameters.weight: required by mergekit"),
+        ({"models": [{"model": "a+lora", "parameters": {"weight": 1}}]}, "models[0].model: mergekit's `model+lora`"),
+        ({"parameters": {"rescale": True}}, "parameters.rescale: saft_hf's ties does not rescale"),
+        ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of mergekit's ties"),
+        ({"base_model": None}, "base_model: required by mergekit's ties"),
+        ({"lora_merge_cache": "/tmp"}, "lora_merge_cache: unknown field in a mergekit recipe"),
+    ],
+)
 def test_unsupported_mergekit_features_are_refused_in_one_line(change, message):
-    recipe = {"merge_method": "ties", "base_model": "b",
-              "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}}], **change}  # fmt: skip
+    recipe = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}}],
+        **change,
+    }
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         MergeConfig.from_dict(recipe)
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize(("recipe", "message"), [
-    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
-                                           {"model": "c", "parameters": {"weight": 0.2}}],
-      "parameters": {"normalize": False}}, "parameters.normalize: saft_hf's weight_average normalises"),
-    ({"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
-     "base_model: mergekit's linear would merge it as one more input"),
-    ({"merge_method": "model_stock", "base_model": "b", "models": ["a", "c"], "parameters": {"filter_wise": True}},
-     "parameters.filter_wise: per-row model stock is not supported"),
-    ({"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}},
-     "models: mergekit's slerp needs the base model and one other, got 2 others"),
-    ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "parameters.t: required by mergekit's slerp"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "a", "parameters": {"weight": 0.5}},
+                    {"model": "c", "parameters": {"weight": 0.2}},
+                ],
+                "parameters": {"normalize": False},
+            },
+            "parameters.normalize: saft_hf's weight_average normalises",
+        ),
+        (
+            {"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+            "base_model: mergekit's linear would merge it as one more input",
+        ),
+        (
+            {
+                "merge_method": "model_stock",
+                "base_model": "b",
+                "models": ["a", "c"],
+                "parameters": {"filter_wise": True},
+            },
+            "parameters.filter_wise: per-row model stock is not supported",
+        ),
+        (
+            {"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}},
+            "models: mergekit's slerp needs the base model and one other, got 2 others",
+        ),
+        ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "parameters.t: required by mergekit's slerp"),
+    ],
+)
 def test_method_specific_refusals(recipe, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         MergeConfig.from_dict(recipe)
@@ -147,15 +225,18 @@ def test_command_line_merges_a_mergekit_recipe_file(in_models, tmp_path):
     ours, theirs = merged_weights(out), load_file(DATA / "outputs" / "slerp.safetensors")
     assert all(torch.allclose(ours[key], theirs[key], rtol=0, atol=1e-6) for key in theirs)
     recorded = yaml.safe_load((out / "merge_config.yaml").read_text())
-    assert recorded["method"] == "slerp" and recorded["tensor_parameters"][0] == {"filter": "self_attn",
-                                                                                   "parameters": {"t": 0.3}}
+    assert recorded["method"] == "slerp" and recorded["tensor_parameters"][0] == {
+        "filter": "self_attn",
+        "parameters": {"t": 0.3},
+    }
 
 
 def test_coefficient_search_varies_slerps_t(in_models):
     from saft_hf.merging import search_coefficients
 
-    config = MergeConfig.from_dict({"merge_method": "slerp", "base_model": "base", "models": ["model_a"],
-                                    "parameters": {"t": 0.5}})  # fmt: skip
+    config = MergeConfig.from_dict(
+        {"merge_method": "slerp", "base_model": "base", "models": ["model_a"], "parameters": {"t": 0.5}}
+    )
     target = load_file(Path("model_a") / "model.safetensors")
 
     def closeness(state):  # highest at t = 1, the second model

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from accelerate import PartialState
+from recipe_loader import import_recipe
 from safetensors.torch import load_file
 
 from saft_hf.analysis import (
@@ -25,7 +26,6 @@ from saft_hf.analysis import (
 )
 from saft_hf.experiments import noise_sweep
 from saft_hf.finetuning import parse_finetune_args
-from recipe_loader import import_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 noise_sweep_recipe = import_recipe("noise_sweep")
@@ -33,10 +33,19 @@ noise_sweep_recipe = import_recipe("noise_sweep")
 # The demo's settings (tiny CLIP from seed 0, AdamW) shrunk to 4 steps of a linear decay without warm-up, logged at
 # every step, with beta1 = 0.8 so the momentum term is not 1/(1 - 0.9)^2 = 100 by coincidence of defaults.
 FINETUNE_OVERRIDES = {
-    "sam_mode": "none", "max_steps": 4, "logging_steps": 1, "lr_scheduler_type": "linear", "warmup_steps": 0,
-    "adam_beta1": 0.8, "max_train_samples": 64, "max_eval_samples": 40, "eval_strategy": "no",
-    "save_strategy": "no", "load_best_model_at_end": False, "disable_tqdm": True,
-}  # fmt: skip
+    "sam_mode": "none",
+    "max_steps": 4,
+    "logging_steps": 1,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0,
+    "adam_beta1": 0.8,
+    "max_train_samples": 64,
+    "max_eval_samples": 40,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "load_best_model_at_end": False,
+    "disable_tqdm": True,
+}
 GRID = {"learning_rates": [2e-3, 8e-3], "batch_sizes": [4, 8], "weight_decays": [0.05]}
 TASKS = {"interpolation_task": "digits_0to4", "arithmetic_tasks": ["digits_0to4", "digits_5to9"]}
 EVAL = {"max_eval_examples": 40, "eval_batch_size": 64, "interpolation_points": 3, "arithmetic_alpha": 0.7}
@@ -49,8 +58,11 @@ def _write_sweep_config(folder: Path, output_dir: Path, **changes) -> Path:
         # An absolute path and one relative to the sweep config file.
         "finetune_configs": [str(REPO / "recipes" / "configs" / "demo.yaml"), "overrides.yaml"],
         "output_dir": str(output_dir),
-        **GRID, **TASKS, **EVAL, **changes,
-    }  # fmt: skip
+        **GRID,
+        **TASKS,
+        **EVAL,
+        **changes,
+    }
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -147,8 +159,11 @@ def test_table_gains_equal_the_analysis_functions_on_the_saved_models(sweep):
 @pytest.mark.slow
 def test_figures_are_pngs(sweep):
     _, output_dir, result = sweep
-    for name in ("merge_gain_vs_noise_interpolation.png", "merge_gain_vs_noise_task_arithmetic.png",
-                 "interpolation_curves.png"):  # fmt: skip
+    for name in (
+        "merge_gain_vs_noise_interpolation.png",
+        "merge_gain_vs_noise_task_arithmetic.png",
+        "interpolation_curves.png",
+    ):
         path = output_dir / name
         assert str(path) in result["files"]
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -214,7 +229,8 @@ def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, chang
 def test_flags_override_the_sweep_config(tmp_path):
     config = _write_sweep_config(tmp_path, tmp_path / "out")
     args = noise_sweep.parse_noise_sweep_args(
-        ["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"])
+        ["--config", str(config), "--learning_rates", "1e-4", "3e-4", "--device", "meta"]
+    )
     assert args.learning_rates == [1e-4, 3e-4] and args.device == "meta"
     assert args.batch_sizes == [4, 8] and args.finetune_configs[1] == str(tmp_path / "overrides.yaml")
 

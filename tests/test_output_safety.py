@@ -32,8 +32,13 @@ def family(tmp_path_factory):
 
 def recipe(inputs, output_dir, alpha=0.5):
     base_dir, *models = inputs
-    return {"base_model": str(base_dir), "models": [str(model) for model in models], "method": "task_arithmetic",
-            "parameters": {"alpha": alpha}, "output_dir": str(output_dir)}  # fmt: skip
+    return {
+        "base_model": str(base_dir),
+        "models": [str(model) for model in models],
+        "method": "task_arithmetic",
+        "parameters": {"alpha": alpha},
+        "output_dir": str(output_dir),
+    }
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -75,11 +80,14 @@ def test_merged_folder_fed_back_as_input_is_not_replaced(family, tmp_path):
     assert tree(merged) == before and hidden_entries(tmp_path) == []
 
 
-@pytest.mark.parametrize(("where", "relation", "field"), [
-    ("base", "is", "base_model"),
-    ("inside_base", "is inside", "base_model"),
-    ("around_input", "contains", r"models\[1\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("where", "relation", "field"),
+    [
+        ("base", "is", "base_model"),
+        ("inside_base", "is inside", "base_model"),
+        ("around_input", "contains", r"models\[1\]"),
+    ],
+)
 def test_output_that_is_inside_or_contains_an_input_is_refused(family, tmp_path, where, relation, field):
     base_dir = tmp_path / "base"
     shutil.copytree(family[0], base_dir)
@@ -148,16 +156,28 @@ def test_rerun_into_an_untouched_previous_output_replaces_it(family, tmp_path):
     assert hidden_entries(tmp_path) == []
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda out: (out / "notes.txt").write_text("mine"), r"holds files saft_hf did not write: notes\.txt; move them"),
-    (lambda out: ((out / "eval").mkdir(), (out / "eval" / "scores.json").write_text("{}")),
-     r"holds files saft_hf did not write: eval/; "),
-    (lambda out: [(out / f"{name}.txt").write_text(name) for name in "abcde"],
-     r"did not write: a\.txt, b\.txt, c\.txt \(\+2 more\)"),
-    (lambda out: (out / "README.md").write_text((out / "README.md").read_text() + "\nMy results.\n"),
-     r"file README\.md changed since saft_hf wrote it; "),
-    (lambda out: os.utime(out / "config.json", ns=(0, 0)), r"file config\.json changed since saft_hf wrote it"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda out: (out / "notes.txt").write_text("mine"),
+            r"holds files saft_hf did not write: notes\.txt; move them",
+        ),
+        (
+            lambda out: ((out / "eval").mkdir(), (out / "eval" / "scores.json").write_text("{}")),
+            r"holds files saft_hf did not write: eval/; ",
+        ),
+        (
+            lambda out: [(out / f"{name}.txt").write_text(name) for name in "abcde"],
+            r"did not write: a\.txt, b\.txt, c\.txt \(\+2 more\)",
+        ),
+        (
+            lambda out: (out / "README.md").write_text((out / "README.md").read_text() + "\nMy results.\n"),
+            r"file README\.md changed since saft_hf wrote it; ",
+        ),
+        (lambda out: os.utime(out / "config.json", ns=(0, 0)), r"file config\.json changed since saft_hf wrote it"),
+    ],
+)
 def test_rerun_into_a_changed_previous_output_is_refused(family, tmp_path, change, message):
     base_dir, (ft0, ft1) = family
     out = merge(recipe((base_dir, ft0, ft1), tmp_path / "out"), progress=False)
@@ -184,11 +204,16 @@ def test_folder_changed_during_the_merge_is_not_replaced(family, tmp_path, monke
     assert tree(out) == before and hidden_entries(tmp_path) == []
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({"merge_config.yaml": "method: ties\n", "thesis.tex": "\\documentclass{article}"}, "older saft_hf"),
-    ({"thesis.tex": "\\documentclass{article}"}, "was not written by saft_hf"),
-    ({OUTPUT_MANIFEST_NAME: "{not json", "thesis.tex": "x"}, "is not a valid saft_hf manifest"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"merge_config.yaml": "method: ties\n", "thesis.tex": "\\documentclass{article}"}, "older saft_hf"),
+        # the demo's pre-trained model cache from before manifests: the real reason, not "not written by saft_hf"
+        ({"pretraining.json": "{}", "model.safetensors": "x"}, "older saft_hf"),
+        ({"thesis.tex": "\\documentclass{article}"}, "was not written by saft_hf"),
+        ({OUTPUT_MANIFEST_NAME: "{not json", "thesis.tex": "x"}, "is not a valid saft_hf manifest"),
+    ],
+)
 def test_folder_without_a_valid_manifest_is_refused_and_untouched(family, tmp_path, files, message):
     base_dir, (ft0, ft1) = family
     folder = tmp_path / "thesis"
@@ -254,8 +279,9 @@ merge(json.loads(sys.argv[1]), progress=False)
 
 
 def start_stalled_merge(config: dict) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", _STALLING_MERGE, json.dumps(config)], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STALLING_MERGE, json.dumps(config)], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "writing\n"
     return process
 
@@ -294,4 +320,3 @@ def test_staging_left_by_sigkill_is_removed_by_the_next_run_for_that_target_only
     assert hidden_entries(tmp_path) == sorted([live_staging, other_target, other_host])
     assert (tmp_path / live_staging / "partial.safetensors").read_bytes() == b"partial"
     assert (tmp_path / "out" / "model.safetensors").is_file()
-

@@ -65,8 +65,10 @@ def test_later_config_files_override_earlier_ones_and_flags_override_both(tmp_pa
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"name": "m", "widht": 3},
-         r"Config file {file} sets unknown field\(s\): \['widht'\] \(did you mean width\?\)"),
+        (
+            {"name": "m", "widht": 3},
+            r"Config file {file} sets unknown field\(s\): \['widht'\] \(did you mean width\?\)",
+        ),
         ({"name": "m", "width": "many"}, "Config file {file}: width must be an integer, got 'many'"),
         ({"name": "m", "width": 2.5}, "Config file {file}: width must be an integer, got 2.5"),
         ({"name": "m", "rate": [1, 2]}, r"Config file {file}: rate must be a number, got \[1, 2\]"),

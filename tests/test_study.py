@@ -74,27 +74,44 @@ def _seed(seed, finetuned, merged, seconds):
     scores = [Score("", PRETRAINED, "", "a", 0.5), Score("", PRETRAINED, "", "b", 0.5)]
     for family in finetuned:
         scores += [Score(family, FINETUNED, "", task, value) for task, value in zip("ab", finetuned[family])]
-        scores += [Score(family, "task_arithmetic", "searched", task, value)
-                   for task, value in zip("ab", merged[family])]  # fmt: skip
+        scores += [
+            Score(family, "task_arithmetic", "searched", task, value) for task, value in zip("ab", merged[family])
+        ]
     return SeedResult(seed, scores, seconds, f"out/seed_{seed}")
 
 
 @pytest.fixture
 def seeds():
     return [
-        _seed(0, {"sgd": (0.9, 0.8), "saft": (0.9, 0.8)}, {"sgd": (0.6, 0.6), "saft": (0.7, 0.6)},
-              {"sgd": 10.0, "saft": 20.0}),
-        _seed(1, {"sgd": (0.9, 0.9), "saft": (0.8, 0.8)}, {"sgd": (0.7, 0.6), "saft": (0.7, 0.7)},
-              {"sgd": 12.0, "saft": 22.0}),
-        _seed(2, {"sgd": (1.0, 0.8), "saft": (0.9, 0.7)}, {"sgd": (0.7, 0.7), "saft": (0.6, 0.6)},
-              {"sgd": 11.0, "saft": 24.0}),
-    ]  # fmt: skip
+        _seed(
+            0,
+            {"sgd": (0.9, 0.8), "saft": (0.9, 0.8)},
+            {"sgd": (0.6, 0.6), "saft": (0.7, 0.6)},
+            {"sgd": 10.0, "saft": 20.0},
+        ),
+        _seed(
+            1,
+            {"sgd": (0.9, 0.9), "saft": (0.8, 0.8)},
+            {"sgd": (0.7, 0.6), "saft": (0.7, 0.7)},
+            {"sgd": 12.0, "saft": 22.0},
+        ),
+        _seed(
+            2,
+            {"sgd": (1.0, 0.8), "saft": (0.9, 0.7)},
+            {"sgd": (0.7, 0.7), "saft": (0.6, 0.6)},
+            {"sgd": 11.0, "saft": 24.0},
+        ),
+    ]
 
 
 def test_summarize_averages_tasks_then_pairs_seeds_and_flags_undertrained_families(seeds):
     rows = summarize(seeds, ["a", "b"], "sgd")
-    assert [(r.method, r.family) for r in rows] == [(FINETUNED, "sgd"), ("task_arithmetic", "sgd"),
-                                                    (FINETUNED, "saft"), ("task_arithmetic", "saft")]  # fmt: skip
+    assert [(r.method, r.family) for r in rows] == [
+        (FINETUNED, "sgd"),
+        ("task_arithmetic", "sgd"),
+        (FINETUNED, "saft"),
+        ("task_arithmetic", "saft"),
+    ]
     saft = rows[3]
     # merged averages: saft 65, 70, 60; sgd 60, 65, 70 -> per-seed differences +5, +5, -10
     assert saft.merged.mean == pytest.approx(65.0) and rows[1].merged.mean == pytest.approx(65.0)
@@ -110,9 +127,11 @@ def test_summarize_averages_tasks_then_pairs_seeds_and_flags_undertrained_famili
     assert rows[1].difference is None and rows[1].notes == []
     sentence = verdicts(rows, "sgd")
     half = saft.difference.interval.half_width
-    assert sentence == [f"task_arithmetic (searched): saft - sgd = +0.00 [{-half:+.2f}, {half:+.2f}] pp, 2/3 seeds; "
-                        f"undecided: the interval spans 0 and is too wide (±{half:.1f} pp) to detect 1 pp; "
-                        "fine-tunes 6.7 pp below sgd's: its merges do not test the claim."]  # fmt: skip
+    assert sentence == [
+        f"task_arithmetic (searched): saft - sgd = +0.00 [{-half:+.2f}, {half:+.2f}] pp, 2/3 seeds; "
+        f"undecided: the interval spans 0 and is too wide (±{half:.1f} pp) to detect 1 pp; "
+        "fine-tunes 6.7 pp below sgd's: its merges do not test the claim."
+    ]
 
 
 def test_summarize_names_an_unknown_baseline(seeds):
@@ -154,11 +173,14 @@ def test_readme_demo_section_is_generated_from_the_committed_study_summary():
 def test_readme_text_states_each_familys_recorded_budget_and_sam_settings():
     from saft_hf.experiments.study import _families_text
 
-    settings = {"sgd": {"sam_mode": "none", "max_steps": 600},
-                "saft": {"sam_mode": "asam", "sam_rho": 0.5, "max_steps": 600},
-                "every4": {"sam_mode": "asam", "sam_rho": 0.5, "sam_interval": 4, "max_steps": 600}}  # fmt: skip
+    settings = {
+        "sgd": {"sam_mode": "none", "max_steps": 600},
+        "saft": {"sam_mode": "asam", "sam_rho": 0.5, "max_steps": 600},
+        "every4": {"sam_mode": "asam", "sam_rho": 0.5, "sam_interval": 4, "max_steps": 600},
+    }
     assert _families_text({"finetune_settings": settings}) == (
         "plain fine-tuning (`sgd`), `saft` (ASAM, rho 0.5) and `every4` (ASAM, rho 0.5, every 4 steps) "
-        "for the same 600 steps")  # fmt: skip
+        "for the same 600 steps"
+    )
     settings["saft"]["max_steps"] = 300
     assert _families_text({"finetune_settings": settings}).endswith("for 300, 600 steps")

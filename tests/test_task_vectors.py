@@ -28,8 +28,9 @@ def family(tmp_path_factory):
 
 def test_vector_is_finetuned_minus_base_with_metadata(family):
     base_dir, (tuned_dir, _) = family
-    vector = TaskVector.from_models(base_dir, tuned_dir, task="digits", finetune_mode="full", sam_mode="asam",
-                                    sam_rho=0.5, sam_eta=0.01)  # fmt: skip
+    vector = TaskVector.from_models(
+        base_dir, tuned_dir, task="digits", finetune_mode="full", sam_mode="asam", sam_rho=0.5, sam_eta=0.01
+    )
     base, tuned = weights_of(base_dir), weights_of(tuned_dir)
     assert set(vector) == set(base)
     for name in vector:
@@ -37,7 +38,11 @@ def test_vector_is_finetuned_minus_base_with_metadata(family):
         assert torch.equal(vector[name], expected), name
     assert set(METADATA_FIELDS) <= set(vector.metadata)
     assert vector.metadata["format"] == "saft_hf.task_vector"
-    assert (vector.metadata["task"], vector.metadata["sam_mode"], vector.metadata["sam_rho"]) == ("digits", "asam", "0.5")
+    assert (vector.metadata["task"], vector.metadata["sam_mode"], vector.metadata["sam_rho"]) == (
+        "digits",
+        "asam",
+        "0.5",
+    )
     assert vector.metadata["source"] == str(tuned_dir) and vector.metadata["base_model"] == str(base_dir)
     assert vector.metadata["base_fingerprint"].startswith("sha256:")
 
@@ -64,10 +69,17 @@ def test_apply_scales_by_alpha(family):
 
 def test_arithmetic_is_elementwise_and_lazy(family):
     base_dir, (first_dir, second_dir) = family
-    first, second = TaskVector.from_models(base_dir, first_dir, task="a"), TaskVector.from_models(base_dir, second_dir, task="b")
-    combos = {"sum": (first + second, lambda a, b: a + b), "difference": (first - second, lambda a, b: a - b),
-              "scaled": (0.5 * first, lambda a, b: 0.5 * a), "negated": (-first, lambda a, b: -a),
-              "divided": (second / 4, lambda a, b: b * 0.25)}  # fmt: skip
+    first, second = (
+        TaskVector.from_models(base_dir, first_dir, task="a"),
+        TaskVector.from_models(base_dir, second_dir, task="b"),
+    )
+    combos = {
+        "sum": (first + second, lambda a, b: a + b),
+        "difference": (first - second, lambda a, b: a - b),
+        "scaled": (0.5 * first, lambda a, b: 0.5 * a),
+        "negated": (-first, lambda a, b: -a),
+        "divided": (second / 4, lambda a, b: b * 0.25),
+    }
     for label, (vector, reference) in combos.items():
         for name in first:
             assert torch.equal(vector[name], reference(first[name], second[name])), (label, name)
@@ -127,8 +139,12 @@ def test_push_to_hub_round_trip_by_id_and_commit(hub_server, family, max_shard_s
     vector = TaskVector.from_models(base_dir, tuned_dir, task="digits", sam_mode="asam", sam_rho=0.5)
     sha = vector.push_to_hub("org/tv-digits", max_shard_size=max_shard_size)
     second = (vector * 0.5).push_to_hub("org/tv-digits", max_shard_size=max_shard_size)  # main moves on
-    for ref, revision, scale in [("org/tv-digits", None, 0.5), (f"org/tv-digits@{sha}", None, 1.0),
-                                 ("org/tv-digits", sha, 1.0), ("org/tv-digits", second, 0.5)]:  # fmt: skip
+    for ref, revision, scale in [
+        ("org/tv-digits", None, 0.5),
+        (f"org/tv-digits@{sha}", None, 1.0),
+        ("org/tv-digits", sha, 1.0),
+        ("org/tv-digits", second, 0.5),
+    ]:
         loaded = TaskVector.from_pretrained(ref, revision=revision)
         assert list(loaded) == list(vector)
         assert all(torch.equal(loaded[name], vector[name] * scale) for name in vector), (ref, revision)
@@ -140,15 +156,20 @@ def test_push_to_hub_round_trip_by_id_and_commit(hub_server, family, max_shard_s
     served = hub_server.state.served_files("org/tv-digits")
     assert "README.md" not in served and all(name.startswith("task_vector") for name in served)
     # The pushed copy applies to the base it was computed from, like the local one.
-    assert TaskVector.load(f"org/tv-digits@{sha}").apply_to(base_dir)["post_layernorm.weight"].equal(
-        vector.apply_to(base_dir)["post_layernorm.weight"]
+    assert (
+        TaskVector.load(f"org/tv-digits@{sha}")
+        .apply_to(base_dir)["post_layernorm.weight"]
+        .equal(vector.apply_to(base_dir)["post_layernorm.weight"])
     )
 
 
 def test_from_pretrained_checks_the_listing_before_downloading(hub_server, family):
     push_folder(family[0], "org/model")
-    with pytest.raises(FileNotFoundError, match=r"Hub repo 'org/model@[0-9a-f]{40}' holds no saft_hf task vector .*"
-                                                r"files: \[.*'config.json', 'model.safetensors'"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Hub repo 'org/model@[0-9a-f]{40}' holds no saft_hf task vector .*"
+        r"files: \[.*'config.json', 'model.safetensors'",
+    ):
         TaskVector.from_pretrained("org/model")
     assert hub_server.state.served_files("org/model") == set()
     with pytest.raises(FileNotFoundError, match="Revision 'v9' does not exist in Hub repo 'org/model'"):
@@ -166,7 +187,9 @@ def test_other_base_is_refused_unless_allowed(family, tmp_path):
         vector.apply_to(other_dir)
     other = weights_of(other_dir)
     applied = vector.apply_to(other_dir, allow_other_base=True)
-    assert torch.equal(applied["post_layernorm.weight"], other["post_layernorm.weight"] + vector["post_layernorm.weight"])
+    assert torch.equal(
+        applied["post_layernorm.weight"], other["post_layernorm.weight"] + vector["post_layernorm.weight"]
+    )
 
 
 def _write_variant(source, target, edit):
@@ -179,12 +202,20 @@ def _write_variant(source, target, edit):
     return target
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda s: s.__setitem__("post_layernorm.weight", torch.zeros(7)),
-     "tensor 'post_layernorm.weight' has shape [7], the base's 'post_layernorm.weight' has [32]"),
-    (lambda s: s.pop("encoder.layers.1.mlp.fc2.bias"), "has no tensor 'encoder.layers.1.mlp.fc2.bias'"),
-    (lambda s: s.__setitem__("extra_head.weight", torch.zeros(2)), "has tensor 'extra_head.weight', which matches no"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda s: s.__setitem__("post_layernorm.weight", torch.zeros(7)),
+            "tensor 'post_layernorm.weight' has shape [7], the base's 'post_layernorm.weight' has [32]",
+        ),
+        (lambda s: s.pop("encoder.layers.1.mlp.fc2.bias"), "has no tensor 'encoder.layers.1.mlp.fc2.bias'"),
+        (
+            lambda s: s.__setitem__("extra_head.weight", torch.zeros(2)),
+            "has tensor 'extra_head.weight', which matches no",
+        ),
+    ],
+)
 def test_mismatches_name_the_tensor(family, tmp_path, edit, message):
     base_dir, (tuned_dir, _) = family
     broken = _write_variant(tuned_dir, tmp_path / "broken", edit)
@@ -229,7 +260,9 @@ def test_vision_tower_finetune_of_a_full_clip_base(tmp_path, naming):
     full = tiny_clip(seed=0)
     full_dir = save(full, tmp_path / "clip")
     tower = tiny_clip_vision(seed=1)
-    tower.load_state_dict({k.removeprefix("vision_model."): v for k, v in full.state_dict().items() if k.startswith("vision_model.")})
+    tower.load_state_dict(
+        {k.removeprefix("vision_model."): v for k, v in full.state_dict().items() if k.startswith("vision_model.")}
+    )
     tuned = finetune_like(tower, seed=5)
     tuned_dir = save(tuned, tmp_path / "tower")
     if naming == "transformers4":
@@ -252,14 +285,23 @@ def test_vision_tower_finetune_of_a_full_clip_base(tmp_path, naming):
 LORA_CASES = {
     "lora": (tiny_clip_vision, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
     "rslora": (tiny_clip_vision, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], use_rslora=True)),
-    "rank_alpha_pattern": (tiny_clip_vision, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  rank_pattern={"layers.0.self_attn.q_proj": 2},
-                                                  alpha_pattern={"v_proj": 16})),
+    "rank_alpha_pattern": (
+        tiny_clip_vision,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 2},
+            alpha_pattern={"v_proj": 16},
+        ),
+    ),
     # GPT-2 Conv1D weights are (in, out): fan_in_fan_out; attn c_proj is square, so only the module type tells.
     "fan_in_fan_out": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
-    "embedding_and_biases": (tiny_gpt2, dict(r=2, lora_alpha=4, target_modules=["wte", "c_fc"], bias="all",
-                                             fan_in_fan_out=True)),
-}  # fmt: skip
+    "embedding_and_biases": (
+        tiny_gpt2,
+        dict(r=2, lora_alpha=4, target_modules=["wte", "c_fc"], bias="all", fan_in_fan_out=True),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
@@ -292,10 +334,13 @@ def test_lora_vector_equals_merge_and_unload_minus_base(tmp_path, case):
     assert all(torch.equal(applied[name], merged[name]) for name in merged)
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "use_dora=True is not supported"),
-    (IA3Config(target_modules=["q_proj", "fc1"], feedforward_modules=["fc1"]), "peft_type 'IA3'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "use_dora=True is not supported"),
+        (IA3Config(target_modules=["q_proj", "fc1"], feedforward_modules=["fc1"]), "peft_type 'IA3'"),
+    ],
+)
 def test_variants_a_weight_delta_cannot_express_are_refused(tmp_path, config, message):
     base = tiny_clip_vision()
     base_dir = save(base, tmp_path / "base")

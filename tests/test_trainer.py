@@ -91,9 +91,18 @@ MODELS = {"t5": (tiny_t5, t5_samples), "clip": (tiny_clip, clip_samples)}
 
 
 def train(
-    model, samples, output_dir, *, trainer_class=SAFTTrainer, steps: int, batch_size: int = 2, resume_from=None,
-    callbacks=None, data_collator=None, **overrides,
-):  # fmt: skip
+    model,
+    samples,
+    output_dir,
+    *,
+    trainer_class=SAFTTrainer,
+    steps: int,
+    batch_size: int = 2,
+    resume_from=None,
+    callbacks=None,
+    data_collator=None,
+    **overrides,
+):
     """Train with a constant learning rate, samples in order, one log per step, no checkpoints (unless overridden)."""
     settings = dict(
         output_dir=str(output_dir),
@@ -114,9 +123,12 @@ def train(
     settings.update(overrides)
     args_class = SAFTConfig if issubclass(trainer_class, SAFTTrainer) else TrainingArguments
     trainer = trainer_class(
-        model=model, args=args_class(**settings), train_dataset=samples, callbacks=callbacks,
+        model=model,
+        args=args_class(**settings),
+        train_dataset=samples,
+        callbacks=callbacks,
         data_collator=data_collator,
-    )  # fmt: skip
+    )
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer
 
@@ -190,9 +202,12 @@ def assert_same_gradients(gradients, reference_gradients) -> None:
 
 def reference_adam(trainer) -> AdamW:
     return AdamW(
-        lr=LR, eps=ADAM["adam_epsilon"], weight_decay=ADAM["weight_decay"], max_grad_norm=ADAM["max_grad_norm"],
+        lr=LR,
+        eps=ADAM["adam_epsilon"],
+        weight_decay=ADAM["weight_decay"],
+        max_grad_norm=ADAM["max_grad_norm"],
         decay_names=trainer.get_decay_parameter_names(trainer.model),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(("model_name", "mode", "rho", "eta", "scope", "accumulation"), STEP_CASES)
@@ -203,9 +218,18 @@ def test_steps_equal_the_hand_computed_sharpness_aware_steps(tmp_path, model_nam
     samples = make_samples(2 * accumulation * 2)
     recorder = GradientRecorder()
     trainer = train(
-        model, samples, tmp_path, steps=2, gradient_accumulation_steps=accumulation, callbacks=[recorder],
-        sam_mode=mode, sam_rho=rho, sam_eta=eta, sam_adaptive_scope=scope, **ADAM,
-    )  # fmt: skip
+        model,
+        samples,
+        tmp_path,
+        steps=2,
+        gradient_accumulation_steps=accumulation,
+        callbacks=[recorder],
+        sam_mode=mode,
+        sam_rho=rho,
+        sam_eta=eta,
+        sam_adaptive_scope=scope,
+        **ADAM,
+    )
 
     steps = optimizer_steps(samples, 2, accumulation)
     log = reference_training(reference, steps, reference_adam(trainer), mode=mode, rho=rho, eta=eta, scope=scope)
@@ -235,13 +259,23 @@ def test_dropout_step_equals_the_reference_with_replayed_masks(tmp_path):
     samples = t5_samples(8)
     recorder = GradientRecorder()
     trainer = train(
-        model, samples, tmp_path, trainer_class=RecordingSAFTTrainer, steps=2, gradient_accumulation_steps=2,
-        callbacks=[recorder], **ADAM,
-    )  # fmt: skip
+        model,
+        samples,
+        tmp_path,
+        trainer_class=RecordingSAFTTrainer,
+        steps=2,
+        gradient_accumulation_steps=2,
+        callbacks=[recorder],
+        **ADAM,
+    )
     log = reference_training(
-        reference, optimizer_steps(samples, 2, 2), reference_adam(trainer), mode="asam", rho=0.5,
+        reference,
+        optimizer_steps(samples, 2, 2),
+        reference_adam(trainer),
+        mode="asam",
+        rho=0.5,
         rng_states=trainer.rng_states,
-    )  # fmt: skip
+    )
     assert_same_gradients(recorder.gradients, log.step_gradients)
     assert_same_weights(model, reference)
 
@@ -294,9 +328,15 @@ def test_stock_trainer_shows_the_accumulation_pitfall_this_trainer_fixes(tmp_pat
         model = tiny_t5()
         overrides = PLAIN if trainer_class is SAFTTrainer else {k: v for k, v in PLAIN.items() if k != "sam_mode"}
         train(
-            model, t5_samples(4), tmp_path / f"{trainer_class.__name__}{accumulation}", trainer_class=trainer_class,
-            steps=1, batch_size=batch_size, gradient_accumulation_steps=accumulation, **overrides,
-        )  # fmt: skip
+            model,
+            t5_samples(4),
+            tmp_path / f"{trainer_class.__name__}{accumulation}",
+            trainer_class=trainer_class,
+            steps=1,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            **overrides,
+        )
         updates[trainer_class, accumulation] = torch.cat(
             [(p - q).reshape(-1) for p, q in zip(model.parameters(), initial.parameters())]
         )
@@ -312,9 +352,17 @@ GPT2_LENGTHS = (4, 16, 7, 12)
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return GPT2LMHeadModel(config)
@@ -354,10 +402,13 @@ def token_weighted_sgd_step(model, samples, lr: float) -> None:
     """One SGD step on the mean token loss over all samples' targets, by hand."""
     params = list(model.parameters())
     total_tokens = sum(label_tokens(sample) for sample in samples)
-    loss = sum(
-        model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss * label_tokens(sample)
-        for sample in samples
-    ) / total_tokens
+    loss = (
+        sum(
+            model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss * label_tokens(sample)
+            for sample in samples
+        )
+        / total_tokens
+    )
     with torch.no_grad():
         for param, grad in zip(params, torch.autograd.grad(loss, params)):
             param -= lr * grad
@@ -371,10 +422,12 @@ def test_causal_lm_accumulation_is_token_weighted_as_in_the_stock_trainer(tmp_pa
     common = dict(steps=1, data_collator=pad_collator, **sgd)
     samples = gpt2_samples()
     stock, saft, big_batch, reference = tiny_gpt2(), tiny_gpt2(), tiny_gpt2(), tiny_gpt2()
-    train(stock, samples, tmp_path / "stock", trainer_class=Trainer, batch_size=1, gradient_accumulation_steps=4,
-          **common)  # fmt: skip
-    trainer = train(saft, samples, tmp_path / "saft", batch_size=1, gradient_accumulation_steps=4, sam_mode="none",
-                    **common)  # fmt: skip
+    train(
+        stock, samples, tmp_path / "stock", trainer_class=Trainer, batch_size=1, gradient_accumulation_steps=4, **common
+    )
+    trainer = train(
+        saft, samples, tmp_path / "saft", batch_size=1, gradient_accumulation_steps=4, sam_mode="none", **common
+    )
     train(big_batch, samples, tmp_path / "big", batch_size=4, sam_mode="none", **common)
     token_weighted_sgd_step(reference, samples, lr=0.1)
 
@@ -391,9 +444,18 @@ def test_causal_lm_sharpness_aware_accumulation_equals_the_hand_computed_steps(t
     samples = gpt2_samples((4, 16, 7, 12, 9, 5, 14, 6))
     recorder = GradientRecorder()
     trainer = train(
-        model, samples, tmp_path, steps=2, batch_size=1, gradient_accumulation_steps=4, callbacks=[recorder],
-        sam_mode="asam", sam_rho=0.5, sam_eta=0.01, **ADAM,
-    )  # fmt: skip
+        model,
+        samples,
+        tmp_path,
+        steps=2,
+        batch_size=1,
+        gradient_accumulation_steps=4,
+        callbacks=[recorder],
+        sam_mode="asam",
+        sam_rho=0.5,
+        sam_eta=0.01,
+        **ADAM,
+    )
     steps = optimizer_steps(samples, 2, 4, batch_size=1)
     # Each micro-batch's loss enters as its share of the step's target tokens (the Trainer's `num_items_in_batch`);
     # the perturbation of a micro-batch comes from that micro-batch's (scaled) gradient alone.
@@ -499,9 +561,13 @@ def test_non_finite_ascent_gradient_skips_the_perturbation(tmp_path):
 
 def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
     settings = dict(
-        steps=4, gradient_accumulation_steps=2, sam_interval=2, save_strategy="steps", save_steps=2,
+        steps=4,
+        gradient_accumulation_steps=2,
+        sam_interval=2,
+        save_strategy="steps",
+        save_steps=2,
         train_sampling_strategy="random",
-    )  # fmt: skip
+    )
     uninterrupted, resumed = tiny_t5(dropout=0.1), tiny_t5(dropout=0.1)
     train(uninterrupted, t5_samples(16), tmp_path / "uninterrupted", **settings)
     checkpoint = tmp_path / "uninterrupted" / "checkpoint-2"
@@ -566,9 +632,12 @@ def test_deepspeed_is_refused(tmp_path, reported_distributed_type):
 def test_fsdp_with_accumulation_needs_sync_each_batch(tmp_path, reported_distributed_type, sync_each_batch, refused):
     reported_distributed_type(DistributedType.FSDP)
     args = SAFTConfig(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, gradient_accumulation_steps=2,
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        gradient_accumulation_steps=2,
         accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}},
-    )  # fmt: skip
+    )
     if refused:
         with pytest.raises(ValueError, match="sync_each_batch"):
             SAFTTrainer(model=tiny_t5(), args=args)
@@ -598,7 +667,9 @@ def test_extra_memory_is_one_copy_of_the_trainable_parameters(tmp_path):
     for mode, last_forward in [("none", 1), ("asam", 3)]:
         model = tiny_clip()
         measured = []
-        model.register_forward_pre_hook(lambda module, args: measured.append(live_tensor_bytes(model)))
+        model.register_forward_pre_hook(
+            lambda module, args, measured=measured, model=model: measured.append(live_tensor_bytes(model))
+        )
         train(model, clip_samples(4), tmp_path / mode, steps=1, gradient_accumulation_steps=2, sam_mode=mode)
         growth[mode] = measured[last_forward] - measured[0]
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

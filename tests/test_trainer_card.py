@@ -37,10 +37,18 @@ def local_base(tmp_path):
 
 def config(output_dir, **overrides) -> SAFTConfig:
     settings = dict(
-        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-        lr_scheduler_type="constant", train_sampling_strategy="sequential", save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     return SAFTConfig(**(settings | overrides))
 
 
@@ -78,9 +86,13 @@ def test_a_training_run_writes_the_card(tmp_path, local_base):
     assert "fine-tuned version of tiny-t5 (local folder) for glue-rte" in text
     settings = table(card, "| setting | value | meaning |")
     assert {name: values[0] for name, values in settings.items()} == {
-        "sam_mode": "asam", "sam_rho": "0.5", "sam_eta": "0", "sam_adaptive_scope": "all", "sam_interval": "1",
+        "sam_mode": "asam",
+        "sam_rho": "0.5",
+        "sam_eta": "0",
+        "sam_adaptive_scope": "all",
+        "sam_interval": "1",
         "sam_sync_perturbation": "False",
-    }  # fmt: skip
+    }
     hyper = {name: values[0] for name, values in table(card, "| hyper-parameter | value |").items()}
     assert hyper["learning_rate"] == "0.001" and hyper["gradient_accumulation_steps"] == "2"
     assert hyper["total_train_batch_size"] == "4" and hyper["training_steps"] == "2"
@@ -94,7 +106,9 @@ def test_a_training_run_writes_the_card(tmp_path, local_base):
 
 
 def test_plain_fine_tuning_card(tmp_path):
-    trainer = SAFTTrainer(model=tiny_t5(), args=config(tmp_path / "plain", sam_mode="none"), train_dataset=t5_samples(4))
+    trainer = SAFTTrainer(
+        model=tiny_t5(), args=config(tmp_path / "plain", sam_mode="none"), train_dataset=t5_samples(4)
+    )
     trainer.train()
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "plain" / "README.md")

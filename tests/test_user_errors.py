@@ -30,16 +30,25 @@ REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
 ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAFT_HF_DEBUG"} | {
-    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-}  # fmt: skip
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PYTHONPATH": str(REPO),
+    "OMP_NUM_THREADS": "1",
+}
 # transformers prints this on importing CLIPImageProcessor (saft_hf.testing does) where torchvision is not installed:
 # a note about the environment, not an error of the run.
 TORCHVISION_NOTE = "requires torchvision (not installed)"
 
 
 def _run(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENVIRONMENT | (environment or {}),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=ENVIRONMENT | (environment or {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -79,30 +88,54 @@ def _hub_error(status: int, url: str, **headers: str) -> Exception:
     "error, expected",
     [
         (ValueError("sam_rho must be >= 0,\n  got -1."), "tool: error: sam_rho must be >= 0, got -1."),
-        (FileNotFoundError(errno.ENOENT, "No such file or directory", "in/x.yaml"),
-         "tool: error: [Errno 2] No such file or directory: 'in/x.yaml'"),
-        (UnsafeOutputError("out: holds another run; choose another output_dir"),
-         "tool: error: out: holds another run; choose another output_dir"),
-        (PushError("upload to org/m failed; the merge is complete in out/m"),
-         "tool: error: upload to org/m failed; the merge is complete in out/m"),
-        (OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors"),
-         "tool: error: /data/out/model.safetensors: no space left on device: free space or choose another output_dir"),
-        (OSError(errno.EDQUOT, "Disk quota exceeded", "/data/out"),
-         "tool: error: /data/out: disk quota exceeded: free space or choose another output_dir"),
-        (OSError(errno.EROFS, "Read-only file system", "/ro/out"),
-         "tool: error: /ro/out: read-only file system: choose another output_dir"),
-        (PermissionError(errno.EACCES, "Permission denied", "/root/out"),
-         "tool: error: /root/out: permission denied: check its permissions (or choose another output_dir)"),
-        (OSError(errno.ENOSPC, "No space left on device"),  # file.write() names no file
-         "tool: error: no space left on device: free space or choose another output_dir"),
-        (_hub_error(403, "https://huggingface.co/api/models/org/private?expand=sha",
-                    **{"x-error-message": "Access to model org/private is restricted."}),
-         "tool: error: the Hub refused GET https://huggingface.co/api/models/org/private: HTTP 403 Forbidden: "
-         "Access to model org/private is restricted."),
-        (_hub_error(404, "https://huggingface.co/api/models/org/gone", **{"x-error-code": "RepoNotFound"}),
-         "tool: error: the Hub refused GET https://huggingface.co/api/models/org/gone: HTTP 404 Not Found"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "in/x.yaml"),
+            "tool: error: [Errno 2] No such file or directory: 'in/x.yaml'",
+        ),
+        (
+            UnsafeOutputError("out: holds another run; choose another output_dir"),
+            "tool: error: out: holds another run; choose another output_dir",
+        ),
+        (
+            PushError("upload to org/m failed; the merge is complete in out/m"),
+            "tool: error: upload to org/m failed; the merge is complete in out/m",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors"),
+            "tool: error: /data/out/model.safetensors: no space left on device: "
+            "free space or choose another output_dir",
+        ),
+        (
+            OSError(errno.EDQUOT, "Disk quota exceeded", "/data/out"),
+            "tool: error: /data/out: disk quota exceeded: free space or choose another output_dir",
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system", "/ro/out"),
+            "tool: error: /ro/out: read-only file system: choose another output_dir",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/root/out"),
+            "tool: error: /root/out: permission denied: check its permissions (or choose another output_dir)",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device"),  # file.write() names no file
+            "tool: error: no space left on device: free space or choose another output_dir",
+        ),
+        (
+            _hub_error(
+                403,
+                "https://huggingface.co/api/models/org/private?expand=sha",
+                **{"x-error-message": "Access to model org/private is restricted."},
+            ),
+            "tool: error: the Hub refused GET https://huggingface.co/api/models/org/private: HTTP 403 Forbidden: "
+            "Access to model org/private is restricted.",
+        ),
+        (
+            _hub_error(404, "https://huggingface.co/api/models/org/gone", **{"x-error-code": "RepoNotFound"}),
+            "tool: error: the Hub refused GET https://huggingface.co/api/models/org/gone: HTTP 404 Not Found",
+        ),
     ],
-)  # fmt: skip
+)
 def test_user_errors_print_one_line_and_exit_1(capsys, monkeypatch, error, expected):
     monkeypatch.delenv("SAFT_HF_DEBUG", raising=False)
     assert run_main(_raising(error), [], prog="tool") == 1
@@ -162,8 +195,13 @@ def family(tmp_path_factory):
 
 def _recipe(family, folder: Path, **changes) -> Path:
     base_dir, tuned = family
-    values = {"base_model": str(base_dir), "models": [{"model": str(path)} for path in tuned], "method": "ties",
-              "parameters": {"density": 0.5}, "output_dir": str(folder / "out")} | changes  # fmt: skip
+    values = {
+        "base_model": str(base_dir),
+        "models": [{"model": str(path)} for path in tuned],
+        "method": "ties",
+        "parameters": {"density": 0.5},
+        "output_dir": str(folder / "out"),
+    } | changes
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -193,8 +231,11 @@ def test_missing_merge_recipe_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["before the command", "after the command", "environment"])
 def test_debug_shows_the_traceback(family, tmp_path, monkeypatch, where):
     recipe = str(_recipe(family, tmp_path, method="nosuch"))
-    argv = {"before the command": ["--debug", "merge", recipe], "after the command": ["merge", recipe, "--debug"],
-            "environment": ["merge", recipe]}[where]  # fmt: skip
+    argv = {
+        "before the command": ["--debug", "merge", recipe],
+        "after the command": ["merge", recipe, "--debug"],
+        "environment": ["merge", recipe],
+    }[where]
     if where == "environment":
         monkeypatch.setenv("SAFT_HF_DEBUG", "1")
     with pytest.raises(ValueError, match="unknown merge method 'nosuch'"):
@@ -233,10 +274,19 @@ def _start_merge(family, tmp_path: Path, mode: str) -> tuple[subprocess.Popen, P
     marker = tmp_path / "writing"
     work = tmp_path / "work"
     work.mkdir()
-    command = [sys.executable, "-c", _WRITER_DRIVER, mode, str(marker), "merge", str(_recipe(family, work)),
-               "--no_progress"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        _WRITER_DRIVER,
+        mode,
+        str(marker),
+        "merge",
+        str(_recipe(family, work)),
+        "--no_progress",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     return process, marker
 
 
@@ -257,8 +307,11 @@ def test_full_disk_during_a_merge_is_one_line_naming_the_file(family, tmp_path):
     process, _ = _start_merge(family, tmp_path, "full")
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
-    line = _assert_one_line(stderr, f"saft-hf: error: {tmp_path / 'work'}/",
-                            "/model.safetensors: no space left on device: free space or choose another output_dir")
+    line = _assert_one_line(
+        stderr,
+        f"saft-hf: error: {tmp_path / 'work'}/",
+        "/model.safetensors: no space left on device: free space or choose another output_dir",
+    )
     assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["recipe.yaml"], line
 
 
@@ -285,8 +338,16 @@ def test_finetune_refuses_bad_settings_in_one_line_before_writing(tmp_path, flag
 
 
 def test_finetune_shows_the_traceback_under_saft_hf_debug(tmp_path):
-    result = _run(str(FINETUNE), "--config", str(DEMO_CONFIG), "--output_dir", str(tmp_path / "run"), "--task", "nope",
-                  environment={"SAFT_HF_DEBUG": "1"})  # fmt: skip
+    result = _run(
+        str(FINETUNE),
+        "--config",
+        str(DEMO_CONFIG),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--task",
+        "nope",
+        environment={"SAFT_HF_DEBUG": "1"},
+    )
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert _error_lines(result.stderr)[-1].startswith("ValueError: task: Unknown task 'nope'")
@@ -311,13 +372,20 @@ def test_resume_checkpoint_is_checked_and_named(tmp_path):
     os.truncate(truncated / "model.safetensors", (truncated / "model.safetensors").stat().st_size - 8)
     cases = [
         (tmp_path / "file", NotADirectoryError, "resume_from_checkpoint {path} is not a folder"),
-        (_write_checkpoint(tmp_path / "no_state", state=False), FileNotFoundError,
-         "{path} holds no trainer_state.json"),
+        (
+            _write_checkpoint(tmp_path / "no_state", state=False),
+            FileNotFoundError,
+            "{path} holds no trainer_state.json",
+        ),
         (_write_checkpoint(tmp_path / "no_weights", weights=None), FileNotFoundError, "{path} holds no model weights"),
-        (sharded, ValueError, "resume_from_checkpoint {path}: {path}/model.safetensors.index.json: lists shard "
-                              "model-1-of-2.safetensors, which is missing"),
+        (
+            sharded,
+            ValueError,
+            "resume_from_checkpoint {path}: {path}/model.safetensors.index.json: lists shard "
+            "model-1-of-2.safetensors, which is missing",
+        ),
         (truncated, ValueError, "resume_from_checkpoint {path}: {path}/model.safetensors: corrupt or truncated"),
-    ]  # fmt: skip
+    ]
     for path, error_type, message in cases:
         with pytest.raises(error_type) as error:
             check_resume_checkpoint(str(path))
@@ -353,9 +421,26 @@ def test_output_dir_holding_a_run_is_refused_unless_resuming_it(tmp_path, conten
 @pytest.mark.slow  # one real (tiny) fine-tune and two refused runs: ~30 s
 def test_failing_runs_leave_a_finished_run_untouched(tmp_path):
     run = tmp_path / "run"
-    tiny = ["--max_steps", "2", "--eval_steps", "1", "--save_steps", "1", "--logging_steps", "1", "--warmup_steps", "0",
-            "--max_train_samples", "16", "--max_eval_samples", "16", "--per_device_train_batch_size", "8",
-            "--per_device_eval_batch_size", "16"]  # fmt: skip
+    tiny = [
+        "--max_steps",
+        "2",
+        "--eval_steps",
+        "1",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "16",
+    ]
     finished = _run(str(FINETUNE), "--config", str(DEMO_CONFIG), "--output_dir", str(run), *tiny)
     assert finished.returncode == 0, finished.stderr[-3000:]
     checkpoint = run / "checkpoint-1"  # the best one, kept by save_total_limit 1
@@ -367,18 +452,33 @@ def test_failing_runs_leave_a_finished_run_untouched(tmp_path):
     before = snapshot()
     again = _run(str(FINETUNE), "--config", str(DEMO_CONFIG), "--output_dir", str(run), *tiny, "--learning_rate", "1")
     assert again.returncode == 1
-    _assert_one_line(again.stderr, f"finetune.py: error: output_dir {run} already holds a fine-tuning run",
-                     "choose another output_dir", f"--resume_from_checkpoint {run}/checkpoint-<step>")  # fmt: skip
+    _assert_one_line(
+        again.stderr,
+        f"finetune.py: error: output_dir {run} already holds a fine-tuning run",
+        "choose another output_dir",
+        f"--resume_from_checkpoint {run}/checkpoint-<step>",
+    )
     assert snapshot() == before  # finetune_config.yaml included, byte for byte
 
     weights = checkpoint / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     before = snapshot()
-    corrupt = _run(str(FINETUNE), "--config", str(DEMO_CONFIG), "--output_dir", str(run), *tiny,
-                   "--resume_from_checkpoint", str(checkpoint))  # fmt: skip
+    corrupt = _run(
+        str(FINETUNE),
+        "--config",
+        str(DEMO_CONFIG),
+        "--output_dir",
+        str(run),
+        *tiny,
+        "--resume_from_checkpoint",
+        str(checkpoint),
+    )
     assert corrupt.returncode == 1
-    _assert_one_line(corrupt.stderr, f"finetune.py: error: resume_from_checkpoint {checkpoint}: ",
-                     f"{weights}: corrupt or truncated safetensors file")  # fmt: skip
+    _assert_one_line(
+        corrupt.stderr,
+        f"finetune.py: error: resume_from_checkpoint {checkpoint}: ",
+        f"{weights}: corrupt or truncated safetensors file",
+    )
     assert snapshot() == before
 
 

@@ -136,9 +136,14 @@ def top_hessian_eigenvalues(
     start = np.random.default_rng(seed).standard_normal(hessian.size)
     try:
         eigenvalues, eigenvectors = eigsh(
-            operator, k=k, which="LA", tol=tolerance, maxiter=max_iterations,
-            ncv=min(lanczos_vectors, hessian.size), v0=start,
-        )  # fmt: skip
+            operator,
+            k=k,
+            which="LA",
+            tol=tolerance,
+            maxiter=max_iterations,
+            ncv=min(lanczos_vectors, hessian.size),
+            v0=start,
+        )
     except ArpackNoConvergence as error:
         # Only the pairs that met the tolerance come back, possibly none.
         eigenvalues, eigenvectors = error.eigenvalues, error.eigenvectors
@@ -171,9 +176,14 @@ def dominant_hessian_eigenvalue(
     """``lambda_max``, the largest algebraic eigenvalue of the Hessian of the task's mean loss (see
     :func:`top_hessian_eigenvalues` for the arguments)."""
     return top_hessian_eigenvalues(
-        task, weights, 1, tolerance=tolerance, max_iterations=max_iterations, lanczos_vectors=lanczos_vectors,
+        task,
+        weights,
+        1,
+        tolerance=tolerance,
+        max_iterations=max_iterations,
+        lanczos_vectors=lanczos_vectors,
         seed=seed,
-    )[0]  # fmt: skip
+    )[0]
 
 
 def hessian_trace(task: AnalysisTask, weights: Weights, *, samples: int = 100, seed: int = 0) -> TraceEstimate:
@@ -208,9 +218,13 @@ def hessian_eigenvalues_along_line(
     base = analysed_base([task], [task_vector], base)
     estimates = [
         dominant_hessian_eigenvalue(
-            task, combine(base, [task_vector], [gamma]), tolerance=tolerance, max_iterations=max_iterations,
-            lanczos_vectors=lanczos_vectors, seed=seed,
-        )  # fmt: skip
+            task,
+            combine(base, [task_vector], [gamma]),
+            tolerance=tolerance,
+            max_iterations=max_iterations,
+            lanczos_vectors=lanczos_vectors,
+            seed=seed,
+        )
         for gamma in gammas
     ]
     return CurveResult(
@@ -223,7 +237,10 @@ def hessian_eigenvalues_along_line(
             "converged": np.array([e.converged for e in estimates]),
         },
         metadata={
-            "task": task.name, "tolerance": tolerance, "max_iterations": max_iterations,
-            "lanczos_vectors": lanczos_vectors, "seed": seed,
-        },  # fmt: skip
+            "task": task.name,
+            "tolerance": tolerance,
+            "max_iterations": max_iterations,
+            "lanczos_vectors": lanczos_vectors,
+            "seed": seed,
+        },
     )

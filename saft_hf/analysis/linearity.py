@@ -77,8 +77,9 @@ class _FeatureRecorder:
             handle.remove()
 
 
-def _features(task: AnalysisTask, weights: Weights, batch: Any, recorder: _FeatureRecorder,
-              layers: Sequence[str]) -> dict[str, torch.Tensor]:  # fmt: skip
+def _features(
+    task: AnalysisTask, weights: Weights, batch: Any, recorder: _FeatureRecorder, layers: Sequence[str]
+) -> dict[str, torch.Tensor]:
     recorder.features.clear()
     call_at(task.model, weights, task.forward, batch)
     missing = [layer for layer in layers if layer not in recorder.features]

@@ -79,10 +79,11 @@ def plot_grid(
 
 
 def _short_names(names: Sequence[str]) -> tuple[str, list[str]]:
-    """The module-path prefix all names share, and the names without it."""
+    """The module-path prefix all names share, and the names without it (the root module, named "", as
+    "(model)")."""
     prefix = posixpath.commonprefix([str(name) for name in names]) if len(names) > 1 else ""
     prefix = prefix[: prefix.rfind(".") + 1]
-    return prefix, [str(name)[len(prefix) :] or str(name) for name in names]
+    return prefix, [str(name)[len(prefix) :] or str(name) or "(model)" for name in names]
 
 
 def _plot_curves(
@@ -123,12 +124,17 @@ def _plot_curves(
     return _save(figure, path)
 
 
-def plot_linearity(results: CurveResult | Mapping[str, CurveResult], path: str | os.PathLike, *,
-                   title: str | None = "Cross-task linearity per layer") -> Path:  # fmt: skip
+def plot_linearity(
+    results: CurveResult | Mapping[str, CurveResult],
+    path: str | os.PathLike,
+    *,
+    title: str | None = "Cross-task linearity per layer",
+) -> Path:
     """``E[1 - cos]`` per layer (paper Fig. 3); lower is more linear."""
     lam = next(iter(_labelled(results, CurveResult).values())).metadata.get("lambda")
-    return _plot_curves(results, path, series="ctl", xlabel="layer", ylabel=f"E[1 − cos] (λ = {lam})",
-                        title=title, categorical=True)  # fmt: skip
+    return _plot_curves(
+        results, path, series="ctl", xlabel="layer", ylabel=f"E[1 − cos] (λ = {lam})", title=title, categorical=True
+    )
 
 
 def plot_loss_barrier(
@@ -138,8 +144,7 @@ def plot_loss_barrier(
     title: str | None = "Loss from the merged model (γ = 0) to the task model (γ = 1)",
 ) -> Path:
     """Loss along merged -> task model with each line's barrier in the legend (paper Fig. C2)."""
-    return _plot_curves(results, path, series="loss", xlabel="γ", ylabel="loss", title=title,
-                        legend_summary="barrier")  # fmt: skip
+    return _plot_curves(results, path, series="loss", xlabel="γ", ylabel="loss", title=title, legend_summary="barrier")
 
 
 def plot_hessian_eigenvalues(
@@ -152,12 +157,18 @@ def plot_hessian_eigenvalues(
     return _plot_curves(results, path, series="eigenvalue", xlabel="γ", ylabel="λ_max", title=title)
 
 
-def plot_interpolation(results: CurveResult | Mapping[str, CurveResult], path: str | os.PathLike, *,
-                       metric: str = "accuracy", title: str | None = None) -> Path:  # fmt: skip
+def plot_interpolation(
+    results: CurveResult | Mapping[str, CurveResult],
+    path: str | os.PathLike,
+    *,
+    metric: str = "accuracy",
+    title: str | None = None,
+) -> Path:
     """``metric`` of ``(1 - a) theta_A + a theta_B`` against ``a``, with each line's gain in the legend."""
     title = title or "Linear interpolation between two models"
-    return _plot_curves(results, path, series=metric, xlabel="α", ylabel=metric, title=title,
-                        legend_summary=f"{metric}_gain")  # fmt: skip
+    return _plot_curves(
+        results, path, series=metric, xlabel="α", ylabel=metric, title=title, legend_summary=f"{metric}_gain"
+    )
 
 
 def plot_merge_gain_vs_noise(
@@ -175,5 +186,12 @@ def plot_merge_gain_vs_noise(
             raise ValueError(f"plot_merge_gain_vs_noise: no (noise scale, gain) points for {label!r}.")
         scales, gains = zip(*sorted(pairs))
         curves[label] = CurveResult("noise_scale", scales, {"gain": np.array(gains)})
-    return _plot_curves(curves, path, series="gain", xlabel="effective noise scale lr / (B (1 − μ)²)",
-                        ylabel=ylabel, title=title, logx=True)  # fmt: skip
+    return _plot_curves(
+        curves,
+        path,
+        series="gain",
+        xlabel="effective noise scale lr / (B (1 − μ)²)",
+        ylabel=ylabel,
+        title=title,
+        logx=True,
+    )

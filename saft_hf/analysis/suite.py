@@ -50,9 +50,12 @@ class AnalysisArguments:
     # Each --family adds one list [LABEL, PATH, ...] (argparse's append; HfArgumentParser types the items).
     family: list[str] = field(
         default_factory=list,
-        metadata={"help": "A named family of fine-tunes, one per task; repeat to compare families.",
-                  "action": "append", "metavar": ("LABEL", "PATH")},
-    )  # fmt: skip
+        metadata={
+            "help": "A named family of fine-tunes, one per task; repeat to compare families.",
+            "action": "append",
+            "metavar": ("LABEL", "PATH"),
+        },
+    )
     analyses: list[str] = field(
         default_factory=lambda: list(ANALYSES), metadata={"help": "What to compute.", "choices": list(ANALYSES)}
     )
@@ -144,8 +147,9 @@ def _grid_settings(args: AnalysisArguments, vectors: list[dict]) -> list[tuple[s
     return settings
 
 
-def run_grid_analysis(args: AnalysisArguments, outputs: Outputs, analysis: str, tasks: list[AnalysisTask],
-                      families: dict) -> None:  # fmt: skip
+def run_grid_analysis(
+    args: AnalysisArguments, outputs: Outputs, analysis: str, tasks: list[AnalysisTask], families: dict
+) -> None:
     measure = disentanglement_error if analysis == "disentanglement" else joint_loss_landscape
     alphas = coefficient_grid(*args.grid_range, args.grid_points)
     i, j = args.pair
@@ -183,8 +187,12 @@ def run_barrier(args: AnalysisArguments, outputs: Outputs, tasks: list[AnalysisT
         for t, task in enumerate(tasks):
             result = loss_barrier(task, merged, combine(base, [vectors[t]], [1.0]), gammas=gammas)
             results[t][label] = result
-            outputs.table("barrier", f"barrier_{label}_{task.name}", result,
-                          {f"{label}/{task.name}/barrier": result.summary["barrier"]})  # fmt: skip
+            outputs.table(
+                "barrier",
+                f"barrier_{label}_{task.name}",
+                result,
+                {f"{label}/{task.name}/barrier": result.summary["barrier"]},
+            )
     for task, by_family in zip(tasks, results):
         outputs.figure("barrier", plot_loss_barrier(by_family, outputs.folder / f"barrier_{task.name}.png"))
 
@@ -197,8 +205,11 @@ def run_hessian(args: AnalysisArguments, outputs: Outputs, tasks: list[AnalysisT
                 task, vectors[t], gammas=args.hessian_gammas, max_iterations=args.hessian_iterations
             )
             results[label] = result
-            headline = {f"{label}/{task.name}/lambda_max_at_gamma_{args.hessian_gammas[-1]}":
-                        float(result.series["eigenvalue"][-1])}  # fmt: skip
+            headline = {
+                f"{label}/{task.name}/lambda_max_at_gamma_{args.hessian_gammas[-1]}": float(
+                    result.series["eigenvalue"][-1]
+                )
+            }
             outputs.table("hessian", f"hessian_{label}_{task.name}", result, headline)
         outputs.figure("hessian", plot_hessian_eigenvalues(results, outputs.folder / f"hessian_{task.name}.png"))
 
@@ -215,8 +226,9 @@ def run_gain(args: AnalysisArguments, outputs: Outputs, tasks: list[AnalysisTask
             continue
         points[label] = [(noise, result.summary["mean_gain"])]
     if points:
-        figure = plot_merge_gain_vs_noise(points, outputs.folder / "gain_vs_noise.png",
-                                          ylabel=f"task-arithmetic gain (α = {args.merge_alpha})")  # fmt: skip
+        figure = plot_merge_gain_vs_noise(
+            points, outputs.folder / "gain_vs_noise.png", ylabel=f"task-arithmetic gain (α = {args.merge_alpha})"
+        )
         outputs.figure("gain", figure)
 
 
@@ -224,9 +236,13 @@ def run_analyses(args: AnalysisArguments) -> dict[str, Any]:
     """Run `args.analyses` on every family; returns the summary written to `<output_dir>/summary.json`: per analysis
     its table and figure file names and headline numbers."""
     tasks = build_analysis_tasks(
-        args.base, args.tasks, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
+        args.base,
+        args.tasks,
+        split=args.split,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
         device=args.device,
-    )  # fmt: skip
+    )
     families = {label: load_task_vectors(args.base, paths, tasks[0].model) for label, paths in args.families.items()}
     outputs = Outputs(Path(args.output_dir))
     runners = {

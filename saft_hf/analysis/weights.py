@@ -172,8 +172,9 @@ def disagreement(first: torch.Tensor, second: torch.Tensor, *, label: str) -> to
     return differs.to(torch.float64).mean()
 
 
-def analysed_base(tasks: Sequence[AnalysisTask], directions: Sequence[Weights],
-                  base: Weights | None) -> dict[str, torch.Tensor]:  # fmt: skip
+def analysed_base(
+    tasks: Sequence[AnalysisTask], directions: Sequence[Weights], base: Weights | None
+) -> dict[str, torch.Tensor]:
     """The origin ``theta_0`` of an analysis: ``base`` if given, else the first task's model's current tensors of
     the names the directions cover. Checks that every task's model has each name with the same shape."""
     names = list(dict.fromkeys(name for direction in directions for name in direction))
@@ -198,8 +199,14 @@ def analysed_base(tasks: Sequence[AnalysisTask], directions: Sequence[Weights],
     return {name: base[name] for name in names}
 
 
-def iter_merge_grid(base: Weights, task_vectors: Sequence[Weights], alphas: Sequence[float], other_alpha: float,
-                    *, progress: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:  # fmt: skip
+def iter_merge_grid(
+    base: Weights,
+    task_vectors: Sequence[Weights],
+    alphas: Sequence[float],
+    other_alpha: float,
+    *,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """``(i, j, theta_0 + alphas[i] tau_1 + alphas[j] tau_2 + other_alpha * sum_{s > 2} tau_s)`` over the grid
     (paper App. A.3: the two-task and the all-task settings)."""
     from tqdm.auto import tqdm

@@ -2,7 +2,7 @@
 
 The model reads an instruction built from the row (our templates, which name the answers) and generates one label
 word per class. The label words are GLUE's own class names; for CoLA, MRPC, RTE and SST-2 they are the SAFT
-paper's (SPEC 1). GLUE's test labels are hidden, so its validation split is the test split here (MNLI: the matched
+paper's (App. C.8). GLUE's test labels are hidden, so its validation split is the test split here (MNLI: the matched
 one) and validation is 10% of train (seed 0).
 
 STS-B is a regression task (similarity 0-5): it is cast as six classes by rounding the score to the nearest integer

@@ -79,8 +79,12 @@ class HubDataset:
             return dataset  # the task's column check names it
         features = dataset.features.copy()
         features["label"] = datasets.Value("int64")
-        return dataset.map(lambda labels: {"label": [self.label_map(label) for label in labels]},
-                           input_columns="label", batched=True, features=features)  # fmt: skip
+        return dataset.map(
+            lambda labels: {"label": [self.label_map(label) for label in labels]},
+            input_columns="label",
+            batched=True,
+            features=features,
+        )
 
     def _configuration(self, source: str) -> str | None:
         # A local folder of plain data files holds one configuration (`default`); a local clone of the Hub

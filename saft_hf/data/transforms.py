@@ -178,8 +178,7 @@ class CLIPImageTransform:
         gives the same numbers as one image at a time."""
         pixels = np.moveaxis(np.asarray(image, dtype=np.uint8), -1, -3)
         table = self._normalization_table()
-        return torch.from_numpy(np.stack([table[channel][pixels[..., channel, :, :]] for channel in range(3)],
-                                         axis=-3))  # fmt: skip
+        return torch.from_numpy(np.stack([table[channel][pixels[..., channel, :, :]] for channel in range(3)], axis=-3))
 
     def _normalization_table(self) -> np.ndarray:
         # transformers' order of operations and dtypes: rescale in float64, cast to float32, then normalise.
@@ -187,7 +186,8 @@ class CLIPImageTransform:
         if table is None:
             levels = (np.arange(256, dtype=np.uint8).astype(np.float64) * self.rescale_factor).astype(np.float32)
             table = (levels[None, :] - np.array(self.mean, dtype=np.float32)[:, None]) / np.array(
-                self.std, dtype=np.float32)[:, None]  # fmt: skip
+                self.std, dtype=np.float32
+            )[:, None]
             table = _NORMALIZATION_TABLES[self] = np.ascontiguousarray(table, dtype=np.float32)
         return table
 
@@ -221,8 +221,9 @@ class CachedImageInputs:
         self.decode = decode  # the dataset's `Image` feature's decode_example (mode conversion, EXIF transpose)
         self.decode_key = decode_key  # what distinguishes `decode` from another (the feature's mode)
 
-    def __call__(self, encoded: Sequence[dict], train: bool = False, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self, encoded: Sequence[dict], train: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return self.transform.normalize(np.stack([self.pixels(item, train, generator) for item in encoded]))
 
     def pixels(self, encoded: dict, train: bool = False, generator: torch.Generator | None = None) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The SAFT paper's eight vision tasks (Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN) for the CLIP
-zero-shot classifier: Hub datasets of SPEC 3, class names in label order (`vision_classnames`) and prompt
-templates.
+zero-shot classifier: Hub datasets listed in docs/conventions.md, class names in label order (`vision_classnames`)
+and prompt templates.
 
 The templates are ours, in the CLIP style (Radford et al. 2021): a few short captions per task that say what kind
 of picture it is (satellite image, traffic sign, texture, ...) with the class name in place of `{}`. The

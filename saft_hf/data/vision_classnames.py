@@ -2,8 +2,9 @@
 
 These are the names the CLIP / task-arithmetic literature builds zero-shot heads from (Radford et al. 2021;
 Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023), matching the label indices of the Hub datasets
-in SPEC 3 (`tanganke/*`, `ylecun/mnist`, `ufldl-stanford/svhn`). Index `i` names label `i`: reordering a list
-silently relabels the task, so `saft_hf.data` checks each dataset's `ClassLabel` count against these at load time.
+in docs/conventions.md (`tanganke/*`, `ylecun/mnist`, `ufldl-stanford/svhn`). Index `i` names label `i`: reordering
+a list silently relabels the task, so `saft_hf.data` checks each dataset's `ClassLabel` count against these at load
+time.
 """
 
 DIGIT_CLASSES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")

@@ -143,9 +143,12 @@ class ExperimentArguments:
     families: list[str] | None = field(default=None, metadata={"help": "Run only these families of the config."})
     dataset_path: list[str] = field(
         default_factory=list,
-        metadata={"help": "Load TASK's data from PATH (Hub id or local folder); repeatable.", "metavar": "TASK=PATH",
-                  "action": "extend"},
-    )  # fmt: skip
+        metadata={
+            "help": "Load TASK's data from PATH (Hub id or local folder); repeatable.",
+            "metavar": "TASK=PATH",
+            "action": "extend",
+        },
+    )
     finetune_args: str = field(
         default="", metadata={"help": "Extra fine-tuning flags for every run, one string ('--max_steps 10')."}
     )
@@ -155,8 +158,11 @@ class ExperimentArguments:
     eval_batch_size: int | None = field(default=None, metadata={"help": "Override eval_batch_size."})
 
 
-def parse_experiment_args(argv: Sequence[str] | None, default_config: Path, description: str | None = None,
-                          ) -> ExperimentArguments:  # fmt: skip
+def parse_experiment_args(
+    argv: Sequence[str] | None,
+    default_config: Path,
+    description: str | None = None,
+) -> ExperimentArguments:
     """`ExperimentArguments` from the command line (`SaftParser`; `--config` is the experiment file itself, so it
     is a field here, not a layer of defaults), `config` defaulting to the recipe's `default_config`."""
     parser = SaftParser(ExperimentArguments, config_option=False, description=description)
@@ -172,8 +178,13 @@ def config_from_args(args: ExperimentArguments) -> ExperimentConfig:
         if not separator or not task or not path:
             raise ValueError(f"--dataset_path {item!r}: expected TASK=PATH")
         dataset_paths[task] = path
-    overrides = dict(output_dir=args.output_dir, base_model=args.base_model, tasks=args.tasks,
-                     eval_max_samples=args.eval_max_samples, eval_batch_size=args.eval_batch_size)  # fmt: skip
+    overrides = dict(
+        output_dir=args.output_dir,
+        base_model=args.base_model,
+        tasks=args.tasks,
+        eval_max_samples=args.eval_max_samples,
+        eval_batch_size=args.eval_batch_size,
+    )
     config = ExperimentConfig.from_yaml(args.config, **overrides)
     if dataset_paths:
         config.dataset_paths = {**config.dataset_paths, **dataset_paths}

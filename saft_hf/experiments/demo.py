@@ -31,6 +31,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from ..checkpoints import atomic_output_dir
 from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_splits, make_digits_task, register_task
 from ..evaluation import classification_metrics
+from ..layout import PRETRAINING_RECORD_NAME
 from .config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 PRETRAINING_FRACTION = 0.5
 PRETRAINING_SEED = 0
 PRETRAINING_TASK = "demo_pretraining"
-PRETRAINING_RECORD = "pretraining.json"
 # Four tasks over the held-out digits, two of which (parity, small/large) the pre-training never named.
 DEMO_TASKS = ("demo_0to4", "demo_5to9", "demo_parity", "demo_small_large")
 
@@ -66,16 +66,25 @@ def register_demo_tasks() -> tuple[str, ...]:
     """Register the pre-training task and the four demo tasks (idempotent); return the demo task names."""
     if PRETRAINING_TASK in TASKS:
         return DEMO_TASKS
-    register_task(make_digits_task(PRETRAINING_TASK, DIGIT_NAMES, {d: d for d in range(10)},
-                                   source_splits=pretraining_splits))  # fmt: skip
+    register_task(
+        make_digits_task(PRETRAINING_TASK, DIGIT_NAMES, {d: d for d in range(10)}, source_splits=pretraining_splits)
+    )
     definitions = [
         ("demo_0to4", DIGIT_NAMES[:5], {d: d for d in range(5)}, DIGIT_TEMPLATES),
         ("demo_5to9", DIGIT_NAMES[5:], {d: d - 5 for d in range(5, 10)}, DIGIT_TEMPLATES),
-        ("demo_parity", ("even", "odd"), {d: d % 2 for d in range(10)},
-         ("a photo of an {} number.", "a handwritten {} digit.")),
-        ("demo_small_large", ("small", "large"), {d: int(d >= 5) for d in range(10)},
-         ("a photo of a {} number.", "a handwritten {} digit.")),
-    ]  # fmt: skip
+        (
+            "demo_parity",
+            ("even", "odd"),
+            {d: d % 2 for d in range(10)},
+            ("a photo of an {} number.", "a handwritten {} digit."),
+        ),
+        (
+            "demo_small_large",
+            ("small", "large"),
+            {d: int(d >= 5) for d in range(10)},
+            ("a photo of a {} number.", "a handwritten {} digit."),
+        ),
+    ]
     for name, class_names, class_of_digit, templates in definitions:
         register_task(make_digits_task(name, class_names, class_of_digit, templates, source_splits=held_out_splits))
     return DEMO_TASKS
@@ -102,8 +111,9 @@ class ZeroShotPretraining(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int = 300, learning_rate: float = 2e-3,
-                       batch_size: int = 64) -> Path:  # fmt: skip
+def pretrain_tiny_clip(
+    output_dir: str | Path, *, seed: int = 0, max_steps: int = 300, learning_rate: float = 2e-3, batch_size: int = 64
+) -> Path:
     """Build a tiny CLIP (`saft_hf.testing`, `seed`), pre-train it on the pre-training digits and save it as a
     complete CLIPModel folder (weights, tokenizer, image processor, `pretraining.json`) at `output_dir`.
 
@@ -114,16 +124,24 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     nothing behind.
     """
     output_dir = Path(output_dir)
-    settings = {"seed": seed, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-                "task": PRETRAINING_TASK, "fraction_of_train_split": PRETRAINING_FRACTION}  # fmt: skip
-    record = output_dir / PRETRAINING_RECORD
+    settings = {
+        "seed": seed,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "task": PRETRAINING_TASK,
+        "fraction_of_train_split": PRETRAINING_FRACTION,
+    }
+    record = output_dir / PRETRAINING_RECORD_NAME
     if record.is_file():
         recorded = json.loads(record.read_text()).get("settings")
         if recorded == settings:
             return output_dir
-        logger.warning("%s was pre-trained with other settings (%s): redoing it", output_dir,
-                       ", ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in settings.items()
-                                 if recorded.get(k) != v))  # fmt: skip
+        logger.warning(
+            "%s was pre-trained with other settings (%s): redoing it",
+            output_dir,
+            ", ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in settings.items() if recorded.get(k) != v),
+        )
     from ..testing import build_tiny_clip  # here, not at import: it warns about torchvision before a quiet console
 
     register_demo_tasks()
@@ -135,22 +153,38 @@ def pretrain_tiny_clip(output_dir: str | Path, *, seed: int = 0, max_steps: int 
     splits = task.prepare(task.load(), processor)
     with atomic_output_dir(output_dir, kind="pretrained_model") as staging:
         args = TrainingArguments(
-            output_dir=str(staging / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=256, learning_rate=learning_rate, weight_decay=0.1, lr_scheduler_type="cosine",
-            warmup_steps=max_steps // 10, logging_steps=max(1, max_steps // 5), save_strategy="no", seed=seed,
-            use_cpu=True, report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
+            output_dir=str(staging / "trainer"),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=256,
+            learning_rate=learning_rate,
+            weight_decay=0.1,
+            lr_scheduler_type="cosine",
+            warmup_steps=max_steps // 10,
+            logging_steps=max(1, max_steps // 5),
+            save_strategy="no",
+            seed=seed,
+            use_cpu=True,
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
             disable_tqdm=True,
-        )  # fmt: skip
+        )
         set_seed(seed)
-        trainer = Trainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                          compute_metrics=classification_metrics)  # fmt: skip
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=splits["train"],
+            eval_dataset=splits["validation"],
+            compute_metrics=classification_metrics,
+        )
         trainer.remove_callback(PrinterCallback)  # its loss dicts would drown the demo's console; logs stay in state
         trainer.train()
         metrics = trainer.evaluate()
         logger.info("pre-training: validation accuracy %.4f", metrics["eval_accuracy"])
         for part in (clip.eval(), tokenizer, processor):
             part.save_pretrained(staging)
-        (staging / PRETRAINING_RECORD).write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
+        (staging / PRETRAINING_RECORD_NAME).write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
         shutil.rmtree(staging / "trainer")
     return output_dir
 

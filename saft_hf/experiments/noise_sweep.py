@@ -120,8 +120,15 @@ class NoiseSweepArguments:
     device: str = field(default="cpu", metadata={"help": "Device of the scoring (training follows the configs)."})
 
     def __post_init__(self):
-        required = ("output_dir", "finetune_configs", "learning_rates", "batch_sizes", "weight_decays",
-                    "interpolation_task", "arithmetic_tasks")  # fmt: skip
+        required = (
+            "output_dir",
+            "finetune_configs",
+            "learning_rates",
+            "batch_sizes",
+            "weight_decays",
+            "interpolation_task",
+            "arithmetic_tasks",
+        )
         for name in required:
             if not getattr(self, name):
                 raise ValueError(f"{name} is required: set it in the --config file or with --{name}.")
@@ -224,13 +231,19 @@ def finetune_argv(args: NoiseSweepArguments, run: Run, per_device_batch_size: in
     """The fine-tuning command line of `run` (`saft_hf.finetuning.run`, recipes/finetune.py)."""
     return [
         *_config_flags(args),
-        "--task", run.task,
-        "--learning_rate", repr(run.setting.learning_rate),
-        "--per_device_train_batch_size", str(per_device_batch_size),
-        "--weight_decay", repr(run.setting.weight_decay),
-        "--data_seed", str(run.data_seed),
-        "--output_dir", str(run.folder),
-    ]  # fmt: skip
+        "--task",
+        run.task,
+        "--learning_rate",
+        repr(run.setting.learning_rate),
+        "--per_device_train_batch_size",
+        str(per_device_batch_size),
+        "--weight_decay",
+        repr(run.setting.weight_decay),
+        "--data_seed",
+        str(run.data_seed),
+        "--output_dir",
+        str(run.folder),
+    ]
 
 
 def common_finetune_arguments(args: NoiseSweepArguments) -> tuple[ModelArguments, SAFTConfig]:
@@ -283,8 +296,12 @@ def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, state: Parti
         logger.info("fine-tuning %s", run.folder)
     run_finetune(argv)
     if state.is_main_process:
-        record = {"task": run.task, "data_seed": run.data_seed, **asdict(run.setting),
-                  "noise_scale": logged_noise_scale(run.folder)}  # fmt: skip
+        record = {
+            "task": run.task,
+            "data_seed": run.data_seed,
+            **asdict(run.setting),
+            "noise_scale": logged_noise_scale(run.folder),
+        }
         text = json.dumps(record, indent=2)
         write_atomically(run.folder / RUN_COMPLETE_FILE, lambda f: f.write(text + "\n"))
     state.wait_for_everyone()
@@ -320,13 +337,18 @@ def measure_setting(
     theta_0 = current_weights(model, list(dict.fromkeys(name for vector in vectors.values() for name in vector)))
     model_a, model_b = (combine(theta_0, [vectors[run.folder]], [1.0]) for run in interpolated)
     curve = linear_interpolation(
-        tasks[args.interpolation_task], model_a, model_b,
-        alphas=coefficient_grid(0.0, 1.0, args.interpolation_points), merge_alpha=args.interpolation_alpha,
-    )  # fmt: skip
+        tasks[args.interpolation_task],
+        model_a,
+        model_b,
+        alphas=coefficient_grid(0.0, 1.0, args.interpolation_points),
+        merge_alpha=args.interpolation_alpha,
+    )
     merged = task_arithmetic_gain(
-        [tasks[run.task] for run in arithmetic], [vectors[run.folder] for run in arithmetic],
-        alpha=args.arithmetic_alpha, base=theta_0,
-    )  # fmt: skip
+        [tasks[run.task] for run in arithmetic],
+        [vectors[run.folder] for run in arithmetic],
+        alpha=args.arithmetic_alpha,
+        base=theta_0,
+    )
     noise_scales = [logged_noise_scale(folder) for folder in vectors]
     single = merged.series["accuracy_single"]
     row = {
@@ -376,9 +398,14 @@ def plot_gains(rows: list[dict[str, Any]], settings: list[Setting], args: NoiseS
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The headline columns as a Markdown table."""
-    columns = {"setting": "{}", "noise_scale": "{:.3g}", "interpolation_accuracy_merged": "{:.4f}",
-               "interpolation_accuracy_gain": "{:+.4f}", "arithmetic_accuracy_merged": "{:.4f}",
-               "arithmetic_accuracy_gain": "{:+.4f}"}  # fmt: skip
+    columns = {
+        "setting": "{}",
+        "noise_scale": "{:.3g}",
+        "interpolation_accuracy_merged": "{:.4f}",
+        "interpolation_accuracy_gain": "{:+.4f}",
+        "arithmetic_accuracy_merged": "{:.4f}",
+        "arithmetic_accuracy_gain": "{:+.4f}",
+    }
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(form.format(row[name]) for name, form in columns.items()) + " |")
@@ -399,17 +426,28 @@ def run_noise_sweep(args: NoiseSweepArguments) -> dict[str, Any]:
         for run in dict.fromkeys((*interpolated, *arithmetic)):
             if ensure_trained(args, run, batches[setting.batch_size], state):
                 trained.append(str(run.folder))
-            runs.append({"folder": str(run.folder), "task": run.task, "data_seed": run.data_seed,
-                         "setting": setting.name, "noise_scale": logged_noise_scale(run.folder)})  # fmt: skip
+            runs.append(
+                {
+                    "folder": str(run.folder),
+                    "task": run.task,
+                    "data_seed": run.data_seed,
+                    "setting": setting.name,
+                    "noise_scale": logged_noise_scale(run.folder),
+                }
+            )
     if not state.is_main_process:
         return {"rows": [], "trained": trained, "runs": runs, "files": []}
 
     first_run = runs_of(args, settings[0])[0][0]
     task_names = list(dict.fromkeys((args.interpolation_task, *args.arithmetic_tasks)))
     analysis_tasks = build_analysis_tasks(
-        base_model_of(first_run, model_args.model_name_or_path), task_names, split=args.eval_split,
-        max_examples=args.max_eval_examples or None, batch_size=args.eval_batch_size, device=args.device,
-    )  # fmt: skip
+        base_model_of(first_run, model_args.model_name_or_path),
+        task_names,
+        split=args.eval_split,
+        max_examples=args.max_eval_examples or None,
+        batch_size=args.eval_batch_size,
+        device=args.device,
+    )
     tasks = {name: with_prepared_batches(task) for name, task in zip(task_names, analysis_tasks)}
     rows, curves = [], {}
     for setting in settings:

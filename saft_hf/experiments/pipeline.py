@@ -92,8 +92,18 @@ def finetune_argv(config: ExperimentConfig, family: Family, task: str, run_dir: 
     """The fine-tuning command line of one run (`saft_hf.finetuning.run`, recipes/finetune.py): the config files,
     then the run's own flags."""
     argv = [f"--config={path}" for path in config.finetune_configs]
-    argv += ["--model_name_or_path", config.base_model, "--task", task, "--output_dir", str(run_dir),
-             "--sam_mode", family.sam_mode, "--finetune_mode", family.finetune_mode]  # fmt: skip
+    argv += [
+        "--model_name_or_path",
+        config.base_model,
+        "--task",
+        task,
+        "--output_dir",
+        str(run_dir),
+        "--sam_mode",
+        family.sam_mode,
+        "--finetune_mode",
+        family.finetune_mode,
+    ]
     if task in config.dataset_paths:
         argv += ["--dataset_path", config.dataset_paths[task]]
     return argv + list(config.finetune_args) + list(family.finetune_args)
@@ -200,8 +210,9 @@ def finetune_settings(config: ExperimentConfig, argv: Sequence[str]) -> dict[str
     return {"argv": list(argv), "config_files": configs, "base_model": model_identity(config.base_model)}
 
 
-def finetune_family(config: ExperimentConfig, family: Family, *, quiet: bool = False,
-                    on_stage: StageFn | None = None) -> dict[str, str]:  # fmt: skip
+def finetune_family(
+    config: ExperimentConfig, family: Family, *, quiet: bool = False, on_stage: StageFn | None = None
+) -> dict[str, str]:
     """Each task's fine-tuned model (folder or Hub id): pulled when the family names existing fine-tunes, reused
     when the output folder holds one finished with the same settings, trained otherwise. `quiet` sends each
     fine-tune's console output (Trainer logs and metrics blocks) to `logs/<family>_<task>.log`."""
@@ -251,8 +262,12 @@ def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[
     folders = {}
     for task, model in models.items():
         folder = config.output_path / "task_vectors" / family.name / task
-        settings = {"base_model": model_identity(config.base_model), "finetuned": model_key(model),
-                    "finetune_mode": family.finetune_mode, "sam_mode": family.sam_mode}  # fmt: skip
+        settings = {
+            "base_model": model_identity(config.base_model),
+            "finetuned": model_key(model),
+            "finetune_mode": family.finetune_mode,
+            "sam_mode": family.sam_mode,
+        }
         if not (stage_is_current(folder, settings) and is_task_vector_folder(folder)):
             resolved = _resolved_finetune_config(Path(model))
             from_finetune = TaskVector.from_lora if family.finetune_mode == LORA_MODE else TaskVector.from_models
@@ -296,9 +311,13 @@ class Scorer:
 
     def options(self, task: str) -> dict[str, Any]:
         """`evaluate_model` keyword arguments for `task`."""
-        return dict(data=self.data(task), batch_size=self.config.eval_batch_size,
-                    max_samples=self.config.eval_max_samples, max_source_length=self.config.max_source_length,
-                    progress=False)  # fmt: skip
+        return dict(
+            data=self.data(task),
+            batch_size=self.config.eval_batch_size,
+            max_samples=self.config.eval_max_samples,
+            max_source_length=self.config.max_source_length,
+            progress=False,
+        )
 
     def score(self, model: str | Path, task: str, split: str = "test") -> dict[str, float]:
         key = f"{model_key(model)}|{task}|{split}|{self.config.eval_max_samples or 'all'}"
@@ -313,8 +332,13 @@ class Scorer:
         """Fraction of `model`'s outputs on `task` that are a label word of another task of the experiment and none
         of `task`'s (the SAFT paper's App. C.8 observation on merged Flan-T5)."""
         own = get_task(task)
-        others = [word for name in self.config.tasks if name != task for word in _label_words(name)
-                  if word not in own.label_words]  # fmt: skip
+        others = [
+            word
+            for name in self.config.tasks
+            if name != task
+            for word in _label_words(name)
+            if word not in own.label_words
+        ]
         if not others:
             return 0.0
         rows = self.data(task)[split]
@@ -325,8 +349,9 @@ class Scorer:
         max_new_tokens = label_word_max_new_tokens(tokenizer, list(own.label_words) + others)
         texts = own.format_inputs(rows[:])
         with torch.no_grad():
-            generated = generate_texts(seq2seq, tokenizer, texts, max_new_tokens, self.config.eval_batch_size,
-                                       self.config.max_source_length)  # fmt: skip
+            generated = generate_texts(
+                seq2seq, tokenizer, texts, max_new_tokens, self.config.eval_batch_size, self.config.max_source_length
+            )
         matched = match_label_words(generated, others)
         return sum(index >= 0 for index in matched) / len(matched)
 
@@ -360,20 +385,39 @@ def merge_settings(config: ExperimentConfig, method: str) -> list[tuple[str, dic
     return settings
 
 
-def merge_family(config: ExperimentConfig, family: Family, vectors: Mapping[str, Path], method: str, setting: str,
-                 parameters: dict[str, Any] | None, scorer: Scorer) -> Path:  # fmt: skip
+def merge_family(
+    config: ExperimentConfig,
+    family: Family,
+    vectors: Mapping[str, Path],
+    method: str,
+    setting: str,
+    parameters: dict[str, Any] | None,
+    scorer: Scorer,
+) -> Path:
     """Merge a family's task vectors with `method`: at `parameters`, or searched on validation when None. A folder
     holding a merge finished with the same settings (inputs, parameters, grid, validation data) is reused."""
     suffix = "" if setting in (SEARCHED, NO_COEFFICIENT) else "_" + setting.replace("=", "")
     output_dir = config.output_path / "merged" / family.name / f"{method}{suffix}"
-    recipe = {"base_model": config.base_model, "models": [str(vectors[task]) for task in config.tasks],
-              "method": method, "parameters": parameters or {}, "output_dir": str(output_dir)}  # fmt: skip
+    recipe = {
+        "base_model": config.base_model,
+        "models": [str(vectors[task]) for task in config.tasks],
+        "method": method,
+        "parameters": parameters or {},
+        "output_dir": str(output_dir),
+    }
     grid = None if parameters is not None else config.search_grid.get(method) or paper_grid(method)
-    settings = {"recipe": recipe, "base_model": model_identity(config.base_model), "grid": grid,
-                "inputs": [model_key(vectors[task]) for task in config.tasks]}  # fmt: skip
+    settings = {
+        "recipe": recipe,
+        "base_model": model_identity(config.base_model),
+        "grid": grid,
+        "inputs": [model_key(vectors[task]) for task in config.tasks],
+    }
     if grid is not None:  # the search's score: validation accuracy as the Scorer computes it
-        settings["validation"] = {"max_samples": config.eval_max_samples, "dataset_paths": config.dataset_paths,
-                                  "max_source_length": config.max_source_length}  # fmt: skip
+        settings["validation"] = {
+            "max_samples": config.eval_max_samples,
+            "dataset_paths": config.dataset_paths,
+            "max_source_length": config.max_source_length,
+        }
     if stage_is_current(output_dir, settings) and (output_dir / RECIPE_NAME).is_file():
         return output_dir
     if grid is None:
@@ -396,8 +440,9 @@ def experiment_stages(config: ExperimentConfig) -> int:
     return len(config.families) * (len(config.tasks) + merges)
 
 
-def run_experiment(config: ExperimentConfig, *, quiet: bool = False,
-                   on_stage: StageFn | None = None) -> ExperimentResult:  # fmt: skip
+def run_experiment(
+    config: ExperimentConfig, *, quiet: bool = False, on_stage: StageFn | None = None
+) -> ExperimentResult:
     """Fine-tune, save task vectors, merge, score and tabulate (see the module docstring). `quiet` keeps the
     fine-tunes' console output in `logs/`; `on_stage` is told each stage as it finishes (`experiment_stages`)."""
     tasks = [get_task(name) for name in config.tasks]  # unknown task names fail before any work
@@ -410,8 +455,9 @@ def run_experiment(config: ExperimentConfig, *, quiet: bool = False,
         scores += [_score(scorer, models[task.name], family.name, FINETUNED, "", task) for task in tasks]
         for method in config.merge_methods:
             for setting, parameters in merge_settings(config, method):
-                folder = merge_family(config, family, result.task_vectors[family.name], method, setting, parameters,
-                                      scorer)  # fmt: skip
+                folder = merge_family(
+                    config, family, result.task_vectors[family.name], method, setting, parameters, scorer
+                )
                 result.merged[(family.name, method, setting)] = folder
                 used = merged_parameters(folder)
                 scores += [_score(scorer, folder, family.name, method, setting, task, used) for task in tasks]
@@ -421,8 +467,15 @@ def run_experiment(config: ExperimentConfig, *, quiet: bool = False,
     return result
 
 
-def _score(scorer: Scorer, model: str | Path, family: str, method: str, setting: str, task: Task,
-           parameters: Mapping[str, Any] | None = None) -> Score:  # fmt: skip
+def _score(
+    scorer: Scorer,
+    model: str | Path,
+    family: str,
+    method: str,
+    setting: str,
+    task: Task,
+    parameters: Mapping[str, Any] | None = None,
+) -> Score:
     metrics = scorer.score(model, task.name)
     extra = {name: value for name, value in metrics.items() if name not in ("accuracy", "num_samples")}
     return Score(family, method, setting, task.name, metrics["accuracy"], dict(parameters or {}), extra)
@@ -448,10 +501,17 @@ def write_tables(config: ExperimentConfig, scores: Sequence[Score]) -> dict[str,
         tables[stem] = write_table(summary_rows(references + merged, config.tasks), folder, stem, title)[0]
     confusion = [s for s in scores if "off_label_fraction" in s.extra]
     if confusion:
-        rows = [{"family": s.family, "method": s.method, "setting": s.setting, "task": s.task,
-                 "off_label_fraction": s.extra["off_label_fraction"],
-                 "other_task_label_fraction": s.extra.get("other_task_label_fraction", math.nan)}
-                for s in confusion]  # fmt: skip
+        rows = [
+            {
+                "family": s.family,
+                "method": s.method,
+                "setting": s.setting,
+                "task": s.task,
+                "off_label_fraction": s.extra["off_label_fraction"],
+                "other_task_label_fraction": s.extra.get("other_task_label_fraction", math.nan),
+            }
+            for s in confusion
+        ]
         title = "Outputs that are no label word of the task, and that are another task's label word (fractions)"
         tables["label_words"] = write_table(rows, folder, "label_words", title)[0]
     return tables

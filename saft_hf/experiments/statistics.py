@@ -71,8 +71,9 @@ class PairedDifference:
         return len(self.differences)
 
 
-def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float],
-                      confidence: float = CONFIDENCE) -> PairedDifference:  # fmt: skip
+def paired_difference(
+    values: Mapping[int, float], baseline: Mapping[int, float], confidence: float = CONFIDENCE
+) -> PairedDifference:
     """`values[seed] - baseline[seed]` for every seed; both must cover the same seeds (pairing is the point)."""
     if set(values) != set(baseline):
         raise ValueError(f"paired_difference: seeds differ ({sorted(values)} vs {sorted(baseline)})")

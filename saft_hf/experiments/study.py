@@ -42,13 +42,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..checkpoints import write_atomically
-from .config import ExperimentConfig
 from ..evaluation import evaluate_model
 from ..finetuning import RESOLVED_CONFIG_FILE
 from ..merging import MergeConfig, get_method
 from ..merging.engine import MergePlan
 from ..merging.finetuning import MergedStateDict
 from ..merging.search import paper_grid
+from .config import ExperimentConfig
 from .pipeline import (
     COMPLETED_RESULTS_FILE,
     SEARCHED,
@@ -123,8 +123,15 @@ def training_seconds(config: ExperimentConfig) -> dict[str, float]:
     return seconds
 
 
-FINETUNE_SETTINGS = ("max_steps", "warmup_steps", "learning_rate", "per_device_train_batch_size", "sam_rho",
-                     "sam_eta", "sam_interval")  # fmt: skip
+FINETUNE_SETTINGS = (
+    "max_steps",
+    "warmup_steps",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "sam_rho",
+    "sam_eta",
+    "sam_interval",
+)
 
 
 def finetune_settings(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
@@ -134,8 +141,10 @@ def finetune_settings(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     for family in config.families:
         path = config.output_path / "finetuned" / family.name / config.tasks[0] / RESOLVED_CONFIG_FILE
         resolved = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-        settings[family.name] = {"sam_mode": family.sam_mode,
-                                 **{name: resolved[name] for name in FINETUNE_SETTINGS if name in resolved}}  # fmt: skip
+        settings[family.name] = {
+            "sam_mode": family.sam_mode,
+            **{name: resolved[name] for name in FINETUNE_SETTINGS if name in resolved},
+        }
     return settings
 
 
@@ -158,9 +167,14 @@ def grid_neighbour_scores(config: ExperimentConfig, result: ExperimentResult) ->
         chosen = merged_parameters(folder)
         values = sorted(grid[coefficient])
         index = values.index(chosen[coefficient])
-        neighbours = values[max(0, index - 1):index] + values[index + 1:index + 2]
-        recipe = {"base_model": config.base_model, "method": method, "parameters": {}, "output_dir": str(folder),
-                  "models": [str(result.task_vectors[family][task]) for task in config.tasks]}  # fmt: skip
+        neighbours = values[max(0, index - 1) : index] + values[index + 1 : index + 2]
+        recipe = {
+            "base_model": config.base_model,
+            "method": method,
+            "parameters": {},
+            "output_dir": str(folder),
+            "models": [str(result.task_vectors[family][task]) for task in config.tasks],
+        }
         plan = MergePlan(MergeConfig.coerce(recipe))
         per_task = {task: [tested[(family, method, setting, task)]] for task in config.tasks}
         for value in neighbours:
@@ -168,9 +182,17 @@ def grid_neighbour_scores(config: ExperimentConfig, result: ExperimentResult) ->
             for task in config.tasks:
                 scored = evaluate_model(config.base_model, task, "test", state_dict=merged, **scorer.options(task))
                 per_task[task].append(scored["accuracy"])
-        smoothed += [Score(family, method, SMOOTHED, task, math.fsum(accuracies) / len(accuracies),
-                           {**chosen, f"{coefficient}_averaged": [chosen[coefficient], *neighbours]})
-                     for task, accuracies in per_task.items()]  # fmt: skip
+        smoothed += [
+            Score(
+                family,
+                method,
+                SMOOTHED,
+                task,
+                math.fsum(accuracies) / len(accuracies),
+                {**chosen, f"{coefficient}_averaged": [chosen[coefficient], *neighbours]},
+            )
+            for task, accuracies in per_task.items()
+        ]
     return smoothed
 
 
@@ -184,19 +206,20 @@ def run_seed(setup: SeedSetup, seed: int, events: Any = None, *, smooth: bool = 
     on_stage = None if report is None else lambda stage: report(f"seed {seed}: {stage}")
     result = run_experiment(config, quiet=True, on_stage=on_stage)
     scores = result.scores + (grid_neighbour_scores(config, result) if smooth else [])
-    return SeedResult(seed, scores, training_seconds(config), str(config.output_path),
-                      finetune_settings(config))  # fmt: skip
+    return SeedResult(seed, scores, training_seconds(config), str(config.output_path), finetune_settings(config))
 
 
-def run_seeds(setup: SeedSetup, seeds: Sequence[int], *, stages_per_seed: int,
-              processes: int = 1, progress: bool = True) -> list[SeedResult]:  # fmt: skip
+def run_seeds(
+    setup: SeedSetup, seeds: Sequence[int], *, stages_per_seed: int, processes: int = 1, progress: bool = True
+) -> list[SeedResult]:
     """Every seed's experiment, `processes` at a time (each in its own spawned process with one torch thread:
     on a CPU, tiny models train faster as parallel single-threaded runs). `setup` must be importable
     (module-level) when `processes` > 1. One progress bar counts the stages of all seeds."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
-    bar = tqdm(total=len(seeds) * (stages_per_seed + 1), desc="study", unit="stage", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(seeds) * (stages_per_seed + 1), desc="study", unit="stage", disable=not progress, dynamic_ncols=True
+    )
 
     def advance(stage: str) -> None:
         bar.set_postfix_str(stage, refresh=False)
@@ -206,8 +229,10 @@ def run_seeds(setup: SeedSetup, seeds: Sequence[int], *, stages_per_seed: int,
         if processes <= 1:
             return [run_seed(setup, seed, advance) for seed in seeds]
         context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-        with context.Manager() as manager, ProcessPoolExecutor(min(processes, len(seeds)), mp_context=context,
-                                                               initializer=_worker_init) as pool:  # fmt: skip
+        with (
+            context.Manager() as manager,
+            ProcessPoolExecutor(min(processes, len(seeds)), mp_context=context, initializer=_worker_init) as pool,
+        ):
             events = manager.Queue()
             futures = [pool.submit(run_seed, setup, seed, events) for seed in seeds]
             while not all(future.done() for future in futures) or not events.empty():
@@ -236,37 +261,55 @@ def _averages(seeds: Sequence[SeedResult], tasks: Sequence[str]) -> dict[tuple[s
     for result in seeds:
         for row in summary_rows([s for s in result.scores if s.method != PRETRAINED], tasks):
             values.setdefault((row["method"], row["setting"], row["family"]), {})[result.seed] = (
-                row["avg"], row["avg (norm)"])  # fmt: skip
+                row["avg"],
+                row["avg (norm)"],
+            )
     return values
 
 
-def summarize(seeds: Sequence[SeedResult], tasks: Sequence[str], baseline: str, *, parity_margin: float = 1.0,
-              confidence: float = CONFIDENCE) -> list[StudyRow]:  # fmt: skip
+def summarize(
+    seeds: Sequence[SeedResult],
+    tasks: Sequence[str],
+    baseline: str,
+    *,
+    parity_margin: float = 1.0,
+    confidence: float = CONFIDENCE,
+) -> list[StudyRow]:
     """One row per merge method, setting and family (fine-tunes first), with the seeds' intervals and the paired
     differences to `baseline` (see the module docstring)."""
     values = _averages(seeds, tasks)
     families = list(dict.fromkeys(family for (_, _, family) in values))
     if baseline not in families:
         raise ValueError(f"baseline: {baseline!r} is not a family of the study ({', '.join(families)})")
-    finetuned = {family: {seed: pair[0] for seed, pair in values[(FINETUNED, "", family)].items()}
-                 for family in families}  # fmt: skip
+    finetuned = {
+        family: {seed: pair[0] for seed, pair in values[(FINETUNED, "", family)].items()} for family in families
+    }
     seconds = {family: {r.seed: r.training_seconds.get(family, math.nan) for r in seeds} for family in families}
     rows = []
     for (method, setting, family), per_seed in values.items():
         merged = {seed: pair[0] for seed, pair in per_seed.items()}
         normalized = {seed: pair[1] for seed, pair in per_seed.items()}
-        row = StudyRow(method, setting, family, t_interval(list(finetuned[family].values()), confidence),
-                       t_interval(list(merged.values()), confidence), t_interval(list(normalized.values()), confidence),
-                       t_interval(list(seconds[family].values()), confidence))  # fmt: skip
+        row = StudyRow(
+            method,
+            setting,
+            family,
+            t_interval(list(finetuned[family].values()), confidence),
+            t_interval(list(merged.values()), confidence),
+            t_interval(list(normalized.values()), confidence),
+            t_interval(list(seconds[family].values()), confidence),
+        )
         if family != baseline:
             base = values[(method, setting, baseline)]
             row.difference = paired_difference(merged, {s: pair[0] for s, pair in base.items()}, confidence)
-            row.difference_normalized = paired_difference(normalized, {s: pair[1] for s, pair in base.items()},
-                                                          confidence)  # fmt: skip
+            row.difference_normalized = paired_difference(
+                normalized, {s: pair[1] for s, pair in base.items()}, confidence
+            )
             row.finetuned_difference = paired_difference(finetuned[family], finetuned[baseline], confidence)
             if row.finetuned_difference.interval.mean < -parity_margin:
-                row.notes.append(f"fine-tunes {-row.finetuned_difference.interval.mean:.1f} pp below {baseline}'s: "
-                                 "its merges do not test the claim")  # fmt: skip
+                row.notes.append(
+                    f"fine-tunes {-row.finetuned_difference.interval.mean:.1f} pp below {baseline}'s: "
+                    "its merges do not test the claim"
+                )
         rows.append(row)
     return rows
 
@@ -297,8 +340,10 @@ def verdicts(rows: Sequence[StudyRow], baseline: str, effect: float = DEFAULT_EF
         if row.difference is None or row.method == FINETUNED:
             continue
         d = row.difference
-        sentence = (f"{_label(row.method, row.setting)}: {row.family} - {baseline} = {d.interval.format(signed=True)} "
-                    f"pp, {d.wins}/{d.seeds} seeds; {decision(d, effect)}")  # fmt: skip
+        sentence = (
+            f"{_label(row.method, row.setting)}: {row.family} - {baseline} = {d.interval.format(signed=True)} "
+            f"pp, {d.wins}/{d.seeds} seeds; {decision(d, effect)}"
+        )
         sentences.append(sentence + "".join(f"; {note}" for note in row.notes) + ".")
     return sentences
 
@@ -308,39 +353,65 @@ def table_rows(rows: Sequence[StudyRow]) -> list[dict[str, object]]:
     table = []
     for row in rows:
         merged = row.method != FINETUNED
-        table.append({
-            "method": _label(row.method, row.setting) if merged else FINETUNED, "family": row.family,
-            "seeds": str(row.merged.n), "fine-tuned acc": row.finetuned.format(),
-            "merged acc": row.merged.format() if merged else "",
-            "merged norm": row.merged_normalized.format() if merged else "",
-            "Δ vs baseline": "" if row.difference is None else row.difference.interval.format(signed=True),
-            "wins": "" if row.difference is None else f"{row.difference.wins}/{row.difference.seeds}",
-            "train s": row.training_seconds.format(), "note": "; ".join(row.notes),
-        })  # fmt: skip
+        table.append(
+            {
+                "method": _label(row.method, row.setting) if merged else FINETUNED,
+                "family": row.family,
+                "seeds": str(row.merged.n),
+                "fine-tuned acc": row.finetuned.format(),
+                "merged acc": row.merged.format() if merged else "",
+                "merged norm": row.merged_normalized.format() if merged else "",
+                "Δ vs baseline": "" if row.difference is None else row.difference.interval.format(signed=True),
+                "wins": "" if row.difference is None else f"{row.difference.wins}/{row.difference.seeds}",
+                "train s": row.training_seconds.format(),
+                "note": "; ".join(row.notes),
+            }
+        )
     return table
 
 
 def _interval_record(interval: Interval | None) -> dict[str, float] | None:
-    return None if interval is None else {"mean": interval.mean, "low": interval.low, "high": interval.high,
-                                          "half_width": interval.half_width, "n": interval.n}  # fmt: skip
+    return (
+        None
+        if interval is None
+        else {
+            "mean": interval.mean,
+            "low": interval.low,
+            "high": interval.high,
+            "half_width": interval.half_width,
+            "n": interval.n,
+        }
+    )
 
 
 def _difference_record(difference: PairedDifference | None) -> dict[str, Any] | None:
     if difference is None:
         return None
-    return {**_interval_record(difference.interval), "wins": difference.wins,
-            "per_seed": {str(seed): value for seed, value in difference.differences.items()}}  # fmt: skip
+    return {
+        **_interval_record(difference.interval),
+        "wins": difference.wins,
+        "per_seed": {str(seed): value for seed, value in difference.differences.items()},
+    }
 
 
 def row_records(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
     """The rows as numbers (the CSV and the JSON summary)."""
-    return [{"method": r.method, "setting": r.setting, "family": r.family, "finetuned": _interval_record(r.finetuned),
-             "merged": _interval_record(r.merged), "merged_normalized": _interval_record(r.merged_normalized),
-             "training_seconds": _interval_record(r.training_seconds),
-             "difference": _difference_record(r.difference),
-             "difference_normalized": _difference_record(r.difference_normalized),
-             "finetuned_difference": _difference_record(r.finetuned_difference), "notes": r.notes}
-            for r in rows]  # fmt: skip
+    return [
+        {
+            "method": r.method,
+            "setting": r.setting,
+            "family": r.family,
+            "finetuned": _interval_record(r.finetuned),
+            "merged": _interval_record(r.merged),
+            "merged_normalized": _interval_record(r.merged_normalized),
+            "training_seconds": _interval_record(r.training_seconds),
+            "difference": _difference_record(r.difference),
+            "difference_normalized": _difference_record(r.difference_normalized),
+            "finetuned_difference": _difference_record(r.finetuned_difference),
+            "notes": r.notes,
+        }
+        for r in rows
+    ]
 
 
 def _flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
@@ -354,13 +425,24 @@ def _flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
 
 
 def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "load_average": list(os.getloadavg())}  # fmt: skip
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+    }
 
 
-def write_study(folder: Path, rows: Sequence[StudyRow], seeds: Sequence[SeedResult], *, baseline: str,
-                effect: float = DEFAULT_EFFECT, headline: tuple[str, str] = ("task_arithmetic", "searched"),
-                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_study(
+    folder: Path,
+    rows: Sequence[StudyRow],
+    seeds: Sequence[SeedResult],
+    *,
+    baseline: str,
+    effect: float = DEFAULT_EFFECT,
+    headline: tuple[str, str] = ("task_arithmetic", "searched"),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the table (Markdown, CSV), the JSON summary and the figures; return the summary. The headline verdict
     is the first family's compared with the baseline under the `headline` (method, setting)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -375,14 +457,21 @@ def write_study(folder: Path, rows: Sequence[StudyRow], seeds: Sequence[SeedResu
     write_atomically(folder / "study.csv", lambda f: f.write(csv_text))
     first = next((r for r in rows if r.difference is not None and (r.method, r.setting) == headline), None)
     summary = {
-        "seeds": [result.seed for result in seeds], "baseline": baseline, "confidence": CONFIDENCE,
-        "interval": INTERVAL_METHOD, "effect_sought_pp": effect, "machine": machine(),
+        "seeds": [result.seed for result in seeds],
+        "baseline": baseline,
+        "confidence": CONFIDENCE,
+        "interval": INTERVAL_METHOD,
+        "effect_sought_pp": effect,
+        "machine": machine(),
         "headline": None if first is None else verdicts([first], baseline, effect)[0],
-        "verdicts": sentences, "rows": records, "table_markdown": markdown,
+        "verdicts": sentences,
+        "rows": records,
+        "table_markdown": markdown,
         "per_seed_folders": {str(result.seed): result.output_dir for result in seeds},
         "finetune_settings": seeds[0].finetune_settings if seeds else {},
-        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)], **(extra or {}),
-    }  # fmt: skip
+        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)],
+        **(extra or {}),
+    }
     text = json.dumps(summary, indent=1, default=lambda value: None if value != value else value)
     write_atomically(folder / SUMMARY_FILE, lambda f: f.write(text))
     return summary
@@ -403,7 +492,8 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
     finetuned = [r for r in summary["rows"] if r["method"] == FINETUNED and r["finetuned_difference"] is not None]
     machine = summary["machine"]
     lines = [
-        README_HEADING, "",
+        README_HEADING,
+        "",
         f"Generated from `{summary_path}`, the summary of `{summary['command']}` (`make demo`'s settings) on "
         f"{machine['cpus']} CPU cores ({machine['platform']}), seeds {summary['seeds'][0]}-{summary['seeds'][-1]}, "
         f"{summary['wall_time_seconds']:.0f} s wall time"
@@ -411,35 +501,53 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
         f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}). Each seed pre-trains its own tiny CLIP, "
         f"fine-tunes the four digit tasks with {_families_text(summary)}, merges each family and scores the merges on "
         f"the test splits. Intervals: {summary['interval']}; Δ is a family minus {summary['baseline']} on the same "
-        "seed, averaged over the four tasks.", "",
+        "seed, averaged over the four tasks.",
+        "",
         summary["table_markdown"].replace("### ", "**", 1).replace("\n", "**\n", 1),
-        *[f"- {sentence}" for sentence in summary["verdicts"]], "",
+        *[f"- {sentence}" for sentence in summary["verdicts"]],
+        "",
         f"What the intervals support: of {len(rows)} merge comparisons, SAFT is better in {kinds['better']}, worse in "
         f"{kinds['worse']} and undecided in {kinds['undecided']} (the interval spans 0); the paired intervals are "
         f"±{min(widths):.1f} to ±{max(widths):.1f} pp wide, against an effect of about "
         f"{summary['effect_sought_pp']:g} pp to detect (the paper's +1.2 pp for task arithmetic on ViT-B/32).",
-    ]  # fmt: skip
+    ]
     smoothed = {(r["method"], r["family"]): r["difference"]["half_width"] for r in rows if r["setting"] == SMOOTHED}
     searched = {(r["method"], r["family"]): r["difference"]["half_width"] for r in rows if r["setting"] == SEARCHED}
     pairs = [(searched[key], width) for key, width in smoothed.items() if key in searched]
     if pairs:
-        lines[-1] += (f" Rows '{SMOOTHED}' average each seed's test accuracy over the alpha chosen on validation and "
-                      "its neighbours on the search grid, which removes the noise of the choice between neighbouring "
-                      "alphas on a small validation split: their paired intervals are "
-                      + ", ".join(f"±{new:.1f} pp (searched: ±{old:.1f})" for old, new in pairs) + ".")
+        lines[-1] += (
+            f" Rows '{SMOOTHED}' average each seed's test accuracy over the alpha chosen on validation and "
+            "its neighbours on the search grid, which removes the noise of the choice between neighbouring "
+            "alphas on a small validation split: their paired intervals are "
+            + ", ".join(f"±{new:.1f} pp (searched: ±{old:.1f})" for old, new in pairs)
+            + "."
+        )
     for row in finetuned:
         d = row["finetuned_difference"]
-        lines[-1] += (f" The fine-tunes themselves differ by {d['mean']:+.2f} pp [{d['low']:+.2f}, {d['high']:+.2f}] "
-                      f"({row['family']} - {summary['baseline']})"
-                      + (", flagged: the merges do not test the claim." if row["notes"] else
-                         ", within the one-point parity margin, so the merges compare experts of similar accuracy"
-                         + (" (though the interval lies below 0: its experts are still slightly less accurate)."
-                            if d["high"] < 0 else ".")))
-    lines += ["", "What it does not show: this is a tiny CLIP on 8x8 digits, not the paper's ViT-B/32 or Flan-T5; an "
-              "interval that spans 0 is no evidence of no effect, only that these seeds cannot tell; "
-              "`python recipes/demo.py --seeds 10 --config recipes/configs/demo_experiment_study.yaml` adds SAM, "
-              "smaller rho and `sam_interval` 4 and more seeds (several times longer); the paper's numbers need "
-              "`recipes/vision8.py` and `recipes/glue_t2t.py` on a GPU.", "", ""]
+        lines[-1] += (
+            f" The fine-tunes themselves differ by {d['mean']:+.2f} pp [{d['low']:+.2f}, {d['high']:+.2f}] "
+            f"({row['family']} - {summary['baseline']})"
+            + (
+                ", flagged: the merges do not test the claim."
+                if row["notes"]
+                else ", within the one-point parity margin, so the merges compare experts of similar accuracy"
+                + (
+                    " (though the interval lies below 0: its experts are still slightly less accurate)."
+                    if d["high"] < 0
+                    else "."
+                )
+            )
+        )
+    lines += [
+        "",
+        "What it does not show: this is a tiny CLIP on 8x8 digits, not the paper's ViT-B/32 or Flan-T5; an "
+        "interval that spans 0 is no evidence of no effect, only that these seeds cannot tell; "
+        "`python recipes/demo.py --seeds 10 --config recipes/configs/demo_experiment_study.yaml` adds SAM, "
+        "smaller rho and `sam_interval` 4 and more seeds (several times longer); the paper's numbers need "
+        "`recipes/vision8.py` and `recipes/glue_t2t.py` on a GPU.",
+        "",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -455,8 +563,13 @@ def _families_text(summary: Mapping[str, Any]) -> str:
             every = f", every {family['sam_interval']} steps" if family.get("sam_interval", 1) != 1 else ""
             names.append(f"`{name}` ({family['sam_mode'].upper()}{rho}{every})")
     steps = sorted({family["max_steps"] for family in settings.values() if "max_steps" in family})
-    budget = (f" for the same {steps[0]} steps" if len(steps) == 1 else
-              f" for {', '.join(map(str, steps))} steps" if steps else "")  # fmt: skip
+    budget = (
+        f" for the same {steps[0]} steps"
+        if len(steps) == 1
+        else f" for {', '.join(map(str, steps))} steps"
+        if steps
+        else ""
+    )
     listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names) or "each family"
     return listed + budget
 
@@ -483,8 +596,9 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
             if points:  # one colour per family in both panels (the baseline has no difference to draw)
                 means = [i.mean for _, i in points]
                 errors = [0.0 if math.isnan(i.low) else i.half_width for _, i in points]
-                axis.errorbar([p for p, _ in points], means, yerr=errors, fmt="o", capsize=3, label=family,
-                              color=f"C{index}")  # fmt: skip
+                axis.errorbar(
+                    [p for p, _ in points], means, yerr=errors, fmt="o", capsize=3, label=family, color=f"C{index}"
+                )
     for axis, ylabel in ((left, "merged test accuracy (%)"), (right, f"paired difference to {baseline} (pp)")):
         axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         axis.set_xlim(-0.5, len(labels) - 0.5)
@@ -501,9 +615,15 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
     for row in rows:
         if (row.method, row.setting) == headline:
             gain = row.difference.interval if row.difference else Interval(0.0, 0.0, 0.0, row.merged.n)
-            axis.errorbar([row.training_seconds.mean], [gain.mean], fmt="o", capsize=3, label=row.family,
-                          xerr=[[0.0 if math.isnan(row.training_seconds.low) else row.training_seconds.half_width]],
-                          yerr=[[0.0 if math.isnan(gain.low) else gain.half_width]])  # fmt: skip
+            axis.errorbar(
+                [row.training_seconds.mean],
+                [gain.mean],
+                fmt="o",
+                capsize=3,
+                label=row.family,
+                xerr=[[0.0 if math.isnan(row.training_seconds.low) else row.training_seconds.half_width]],
+                yerr=[[0.0 if math.isnan(gain.low) else gain.half_width]],
+            )
     axis.axhline(0.0, color="black", linewidth=0.8)
     axis.set_xlabel("fine-tuning time per family (s, all tasks)")
     axis.set_ylabel(f"{_label(*headline)}: gain over {baseline} (pp)")

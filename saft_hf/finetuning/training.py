@@ -186,8 +186,9 @@ def _save_metrics(trainer: SAFTTrainer, split: str, metrics: dict[str, float]) -
     trainer.save_metrics(split, metrics)
 
 
-def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: SAFTConfig,
-             resolved: dict[str, Any]) -> None:  # fmt: skip
+def finetune(
+    model_args: ModelArguments, data_args: DataArguments, training_args: SAFTConfig, resolved: dict[str, Any]
+) -> None:
     """Check, then fine-tune and evaluate (see the module docstring); `resolved` is what `finetune_config.yaml`
     records."""
     task = find_task(data_args.task)

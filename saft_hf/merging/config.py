@@ -99,8 +99,10 @@ class MergeConfig:
     )
     allow_nonfinite: bool = field(
         default=False,
-        metadata={"help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
-                          "default both are refused, naming the tensor)."},
+        metadata={
+            "help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
+            "default both are refused, naming the tensor)."
+        },
     )
     allow_mixed_finetune_modes: bool = field(
         default=False,
@@ -226,9 +228,3 @@ class MergeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text

@@ -71,8 +71,22 @@ MODEL, TASK_VECTOR, ADAPTER = "model", "task vector", "adapter"
 SEARCH_TABLE_NAME = "search_table"
 # Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
 _NONFINITE_INPUT_ADVICE = "fix the input, or set allow_nonfinite: true in the recipe to merge such values as they are"
-_NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt",
-               "*.h5", "*.msgpack", "*.onnx", "README.md", RECIPE_NAME, f"{SEARCH_TABLE_NAME}.*", ".*")  # fmt: skip
+_NOT_COPIED = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "README.md",
+    RECIPE_NAME,
+    f"{SEARCH_TABLE_NAME}.*",
+    ".*",
+)
 
 
 @dataclass
@@ -102,8 +116,13 @@ class _FinetunedTensors(Sequence[torch.Tensor]):
     """The inputs' tensors for one base name, each read when the method reaches it (a task vector's ``base +
     delta`` computed in float64 then), so a method looping over the models holds one of them at a time."""
 
-    def __init__(self, inputs: Sequence[_Input], name: str, base_tensor: torch.Tensor,
-                 checked: Callable[[int, str, torch.Tensor], torch.Tensor]):  # fmt: skip
+    def __init__(
+        self,
+        inputs: Sequence[_Input],
+        name: str,
+        base_tensor: torch.Tensor,
+        checked: Callable[[int, str, torch.Tensor], torch.Tensor],
+    ):
         self._inputs, self._name, self._base, self._checked = inputs, name, base_tensor, checked
 
     def __len__(self) -> int:
@@ -236,8 +255,12 @@ class MergePlan:
         vector = TaskVector.load(folder)
         weights = ModelWeights(vector, spec.model, weights_revision, folder)
         alignment = vector.alignment_with(self.base, label=f"base for {label}")
-        vector.check_base(self.base.tensors, label=f"{label}: its base", alignment=alignment,
-                          allow_other_base=self.config.allow_other_base)  # fmt: skip
+        vector.check_base(
+            self.base.tensors,
+            label=f"{label}: its base",
+            alignment=alignment,
+            allow_other_base=self.config.allow_other_base,
+        )
         return _Input(label, weights, alignment, vector, kind)
 
     def _common_coverage(self) -> set[str]:
@@ -302,14 +325,19 @@ class MergePlan:
             return result
         causes = []
         if parameters is not None:
-            causes.append(f"method {self.method.name!r} with parameters {dict(parameters)} and model weights "
-                          f"{self.weights} (e.g. a huge alpha)")  # fmt: skip
+            causes.append(
+                f"method {self.method.name!r} with parameters {dict(parameters)} and model weights "
+                f"{self.weights} (e.g. a huge alpha)"
+            )
         base_dtype = tensor_dtype(self.base.tensors, name)
         if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(base_dtype).max:
             causes.append(f"the output dtype {dtype} (recipe field dtype), narrower than the base's {base_dtype}")
-        check_finite(result, where=f"output tensor {name!r} in {dtype}",
-                     advice=f"likely cause: {' or '.join(causes)}; fix the recipe, or set allow_nonfinite: true to "
-                     "write such values")  # fmt: skip
+        check_finite(
+            result,
+            where=f"output tensor {name!r} in {dtype}",
+            advice=f"likely cause: {' or '.join(causes)}; fix the recipe, or set allow_nonfinite: true to "
+            "write such values",
+        )
         return result
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -410,21 +438,29 @@ def check_output_dir(config: MergeConfig) -> Path:
         raise ValueError("output_dir: required (where to write the merged model)")
     output_dir = Path(config.output_dir).expanduser()
     refs = [("base_model", config.base_model), *((f"models[{i}]", spec.model) for i, spec in enumerate(config.models))]
-    check_outside_inputs(output_dir, [(f"{field} ({ref})", ref) for field, ref in refs if hub.is_local(ref)],
-                         field="output_dir")  # fmt: skip
+    check_outside_inputs(
+        output_dir, [(f"{field} ({ref})", ref) for field, ref in refs if hub.is_local(ref)], field="output_dir"
+    )
     check_replaceable(output_dir.resolve())
     return output_dir
 
 
-def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, progress: bool = True,
-                search_table: list[dict[str, Any]] | None = None) -> Path:  # fmt: skip
+def write_merge(
+    plan: MergePlan,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    search_table: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write ``plan`` (with parameter ``overrides``, e.g. a search's best point) to its ``output_dir``."""
     config = plan.config
     output_dir = check_output_dir(config)
     parameters = {**config.parameters, **(overrides or {})}
     # Hub inputs are known as folders only now, resolved to their snapshots.
-    inputs = [(f"base_model ({config.base_model})", plan.base.folder),
-              *((item.label, item.weights.folder) for item in plan.inputs)]  # fmt: skip
+    inputs = [
+        (f"base_model ({config.base_model})", plan.base.folder),
+        *((item.label, item.weights.folder) for item in plan.inputs),
+    ]
     with atomic_output_dir(output_dir, kind="merged_model", inputs=inputs, field="output_dir") as staging:
         write_model_folder(plan, staging, overrides=overrides, progress=progress)
         recipe = plan.recorded_recipe(parameters)
@@ -438,21 +474,30 @@ def write_merge(plan: MergePlan, *, overrides: Mapping[str, Any] | None = None, 
         repo_id, private = config.push_to_hub.repo_id, config.push_to_hub.private
         retry = f"saft_hf.hub.push_folder('{output_dir}', '{repo_id}'{', private=True' if private else ''})"
         with hub.reporting_push_failure(repo_id, f"the merged model in '{output_dir}' is complete; retry with {retry}"):
-            hub.push_folder(output_dir, repo_id, private=private, token=plan.token,
-                            commit_message=f"Merge with saft_hf ({config.method})")  # fmt: skip
+            hub.push_folder(
+                output_dir,
+                repo_id,
+                private=private,
+                token=plan.token,
+                commit_message=f"Merge with saft_hf ({config.method})",
+            )
     return output_dir
 
 
-def write_model_folder(plan: MergePlan, folder: Path, *, overrides: Mapping[str, Any] | None = None,
-                       progress: bool = True) -> None:  # fmt: skip
+def write_model_folder(
+    plan: MergePlan, folder: Path, *, overrides: Mapping[str, Any] | None = None, progress: bool = True
+) -> None:
     """Stream the merged weights into ``folder`` (sharded, with index), copy the base's support files, and record
     the inputs' fine-tuning mode with their shared zero-shot head (:mod:`saft_hf.merging.finetuning`)."""
     config = plan.config
-    specs = [TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors]
+    specs = [
+        TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors
+    ]
     with ShardedSafetensorsWriter(folder, specs, max_shard_size=config.max_shard_size) as writer:
         tensors = plan.merged_tensors(overrides)
-        for name, tensor in tqdm(tensors, total=len(specs), desc=f"merging ({config.method})", unit="tensor",
-                                 disable=not progress):  # fmt: skip
+        for name, tensor in tqdm(
+            tensors, total=len(specs), desc=f"merging ({config.method})", unit="tensor", disable=not progress
+        ):
             writer.add(name, tensor)
         writer.close()
     _copy_support_files(plan.base.folder, folder, config.dtype)
@@ -484,4 +529,12 @@ def write_search_table(table: list[dict[str, Any]], folder: Path) -> None:
         writer.writerows(table)
 
 
-__all__ = ["MergePlan", "check_output_dir", "merge", "tensor_seed", "write_merge", "write_model_folder", "write_search_table"]
+__all__ = [
+    "MergePlan",
+    "check_output_dir",
+    "merge",
+    "tensor_seed",
+    "write_merge",
+    "write_model_folder",
+    "write_search_table",
+]

@@ -91,8 +91,11 @@ def copy_shared_head(folder: Path, heads: Mapping[str, Path | None]) -> None:
     without = [label for label, head in heads.items() if head is None]
     listing = ", ".join(carried)
     reason = f"only {listing} of the inputs have one" if without else f"{listing} hold different heads"
-    warnings.warn(f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
-                  "CLIPModel base_model", stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"models: the merged folder gets no input's {HEAD_FILE}: {reason}; score it with head= or a full "
+        "CLIPModel base_model",
+        stacklevel=2,
+    )
 
 
 class MergedStateDict(dict):
@@ -113,7 +116,11 @@ def _same_head(first: tuple[dict, dict], other: tuple[dict, dict]) -> bool:
     """Equal heads by content: safetensors writes the metadata keys in no fixed order, so equal heads need not be
     equal bytes."""
     (tensors, metadata), (other_tensors, other_metadata) = first, other
-    return metadata == other_metadata and tensors.keys() == other_tensors.keys() and all(
-        tensor.dtype == other_tensors[name].dtype and torch.equal(tensor, other_tensors[name])
-        for name, tensor in tensors.items()
+    return (
+        metadata == other_metadata
+        and tensors.keys() == other_tensors.keys()
+        and all(
+            tensor.dtype == other_tensors[name].dtype and torch.equal(tensor, other_tensors[name])
+            for name, tensor in tensors.items()
+        )
     )

@@ -42,8 +42,19 @@ OUR_FIELDS = (
     "allow_mixed_finetune_modes",
     "push_to_hub",
 )
-_MERGEKIT_FIELDS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "modules",
-                    "tokenizer_source", "tokenizer", "chat_template")  # fmt: skip
+_MERGEKIT_FIELDS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "slices",
+    "modules",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 _PER_MODEL = ("weight", "density", "gamma", "epsilon")  # mergekit's per-input parameters
 
 
@@ -94,8 +105,11 @@ def _gta(ours: str, *, consensus: bool, sparsify: str | None, normalize: bool, r
 
     def translate(values: dict[str, Any], weight_sum: float) -> dict[str, Any]:
         if consensus:
-            result = {"alpha": values["lambda"], "sign_election": "weighted",
-                      "disjoint_mean": "weight_sum" if values["normalize"] else "none"}  # fmt: skip
+            result = {
+                "alpha": values["lambda"],
+                "sign_election": "weighted",
+                "disjoint_mean": "weight_sum" if values["normalize"] else "none",
+            }
         else:
             result = {"alpha": _scale(values, weight_sum)}
         if sparsify is not None:
@@ -114,8 +128,10 @@ def _gta(ours: str, *, consensus: bool, sparsify: str | None, normalize: bool, r
 
 def _linear(values: dict[str, Any], weight_sum: float) -> dict[str, Any]:
     if not values["normalize"] and not math.isclose(weight_sum, 1.0, rel_tol=0, abs_tol=1e-12):
-        raise ValueError("parameters.normalize: saft_hf's weight_average normalises; false is only supported with "
-                         f"weights summing to 1 (got {weight_sum})")  # fmt: skip
+        raise ValueError(
+            "parameters.normalize: saft_hf's weight_average normalises; false is only supported with "
+            f"weights summing to 1 (got {weight_sum})"
+        )
     return {}
 
 
@@ -135,9 +151,10 @@ METHODS: dict[str, _Method] = {
     "della": _gta("della", consensus=True, sparsify="della", normalize=True, rescale=True),
     "della_linear": _gta("della_linear", consensus=False, sparsify="della", normalize=False, rescale=True),
     "model_stock": _Method("model_stock", {"filter_wise": False}, translate=_model_stock, weighted=False),
-    "slerp": _Method("slerp", {"t": None}, translate=lambda values, weight_sum: {"t": values["t"]}, base="input",
-                     weighted=False),
-}  # fmt: skip
+    "slerp": _Method(
+        "slerp", {"t": None}, translate=lambda values, weight_sum: {"t": values["t"]}, base="input", weighted=False
+    ),
+}
 
 
 def _scalar(value: Any, where: str) -> Any:
@@ -184,8 +201,10 @@ def _model_entries(data: dict[str, Any]) -> list[_Entry]:
         if unknown:
             raise ValueError(f"{where}.{unknown[0]}: unknown field in a mergekit model entry")
         if "+" in entry["model"]:
-            raise ValueError(f"{where}.model: mergekit's `model+lora` references are not supported; merge the "
-                             "adapter first or give its task vector folder")  # fmt: skip
+            raise ValueError(
+                f"{where}.model: mergekit's `model+lora` references are not supported; merge the "
+                "adapter first or give its task vector folder"
+            )
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ValueError(f"{where}.parameters: expected a mapping, got {parameters!r}")
@@ -215,8 +234,9 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     _check_unsupported(data)
     name = data["merge_method"]
     if name not in METHODS:
-        raise ValueError(f"merge_method: mergekit method {name!r} is not supported (supported: "
-                         f"{', '.join(sorted(METHODS))})")  # fmt: skip
+        raise ValueError(
+            f"merge_method: mergekit method {name!r} is not supported (supported: {', '.join(sorted(METHODS))})"
+        )
     spec = METHODS[name]
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
@@ -231,15 +251,18 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"parameters.{key}: not a parameter of mergekit's {name} (known: {known})")
 
     models, base_model = _inputs(spec, name, base_model, entries)
-    weights = [_weight(parameters, model_parameters, where) if spec.weighted else 1.0
-               for _, model_parameters, where in models]  # fmt: skip
+    weights = [
+        _weight(parameters, model_parameters, where) if spec.weighted else 1.0 for _, model_parameters, where in models
+    ]
     for _, model_parameters, where in models:
         for key in sorted(set(model_parameters) - (set(spec.per_model) | {"weight"})):
             raise ValueError(f"{where}.parameters.{key}: not a per-model parameter of mergekit's {name}")
         if not spec.weighted and "weight" in model_parameters:
             raise ValueError(f"{where}.parameters.weight: mergekit's {name} does not use per-model weights")
-    settings = {key: _conditional(parameters[key], default, f"parameters.{key}") if key in parameters
-                else [(None, default)] for key, default in spec.shared.items()}  # fmt: skip
+    settings = {
+        key: _conditional(parameters[key], default, f"parameters.{key}") if key in parameters else [(None, default)]
+        for key, default in spec.shared.items()
+    }
     for key, default in spec.per_model.items():
         settings[key] = _shared_per_model(key, default, parameters, models)
     fallback = {key: options[-1][1] for key, options in settings.items()}
@@ -250,8 +273,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     weight_sum = math.fsum(weights)
     result: dict[str, Any] = {
         "base_model": base_model,
-        "models": [{"model": model, "weight": weight} if spec.weighted else model
-                   for (model, _, _), weight in zip(models, weights)],  # fmt: skip
+        "models": [
+            {"model": model, "weight": weight} if spec.weighted else model
+            for (model, _, _), weight in zip(models, weights)
+        ],
         "method": spec.ours,
         "parameters": spec.translate(fallback, weight_sum),
         "tensor_parameters": _tensor_parameters(spec, settings, fallback, weight_sum),
@@ -268,8 +293,9 @@ def _inputs(spec: _Method, name: str, base_model: str | None, entries: list[_Ent
     adds it to those of slerp; linear has no base (saft_hf takes the first model's folder for config files)."""
     if spec.base == "input" and name == "linear":
         if base_model is not None and base_model not in [model for model, _, _ in entries]:
-            raise ValueError("base_model: mergekit's linear would merge it as one more input; list it under models "
-                             "with its weight")  # fmt: skip
+            raise ValueError(
+                "base_model: mergekit's linear would merge it as one more input; list it under models with its weight"
+            )
         return entries, base_model or entries[0][0]
     if base_model is None:
         raise ValueError(f"base_model: required by mergekit's {name}")
@@ -291,31 +317,40 @@ def _weight(parameters: dict[str, Any], model_parameters: dict[str, Any], where:
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, list):
-        raise ValueError(f"{where}: filters and gradients are not supported here (per model, or beside per-model "
-                         "values); give one number")  # fmt: skip
+        raise ValueError(
+            f"{where}: filters and gradients are not supported here (per model, or beside per-model "
+            "values); give one number"
+        )
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where}: expected a number, got {value!r}")
     return float(value)
 
 
-def _shared_per_model(key: str, default: Any, parameters: dict[str, Any],
-                      models: list[_Entry]) -> list[tuple[str | None, Any]]:  # fmt: skip
+def _shared_per_model(
+    key: str, default: Any, parameters: dict[str, Any], models: list[_Entry]
+) -> list[tuple[str | None, Any]]:
     """A per-model parameter as one setting for all models: their own values (all equal), else the recipe's."""
-    own = [(where, _number(model_parameters[key], f"{where}.parameters.{key}"))
-           for _, model_parameters, where in models if key in model_parameters]  # fmt: skip
+    own = [
+        (where, _number(model_parameters[key], f"{where}.parameters.{key}"))
+        for _, model_parameters, where in models
+        if key in model_parameters
+    ]
     if not own:
         return _conditional(parameters[key], default, f"parameters.{key}") if key in parameters else [(None, default)]
     recipe_wide = _number(parameters[key], f"parameters.{key}") if key in parameters else default
     values = {value for _, value in own} | ({recipe_wide} if len(own) < len(models) else set())
     if len(values) > 1:
         where = own[0][0]
-        raise ValueError(f"{where}.parameters.{key}: differs between models ({sorted(values)}); saft_hf applies one "
-                         "value to every model")  # fmt: skip
+        raise ValueError(
+            f"{where}.parameters.{key}: differs between models ({sorted(values)}); saft_hf applies one "
+            "value to every model"
+        )
     return [(None, values.pop())]
 
 
-def _tensor_parameters(spec: _Method, settings: dict[str, list[tuple[str | None, Any]]], fallback: dict[str, Any],
-                       weight_sum: float) -> list[dict[str, Any]]:  # fmt: skip
+def _tensor_parameters(
+    spec: _Method, settings: dict[str, list[tuple[str | None, Any]]], fallback: dict[str, Any], weight_sum: float
+) -> list[dict[str, Any]]:
     """Filtered settings as saft_hf ``tensor_parameters`` (first match wins there too): plain substring filters
     when one parameter is filtered, otherwise one regex per combination of the parameters' choices."""
     filtered = {key: options for key, options in settings.items() if any(f is not None for f, _ in options)}
@@ -337,7 +372,7 @@ def _tensor_parameters(spec: _Method, settings: dict[str, list[tuple[str | None,
             continue  # the fallback of every parameter: the recipe-wide parameters
         overrides = {k: v for k, v in spec.translate(values, weight_sum).items() if base_parameters.get(k) != v}
         if len(filtered) == 1:
-            (key, index), = combination
+            ((key, index),) = combination
             result.append({"filter": filtered[key][index][0], "parameters": overrides})
         else:
             result.append({"filter": "re:^" + "".join(lookaheads), "parameters": overrides})

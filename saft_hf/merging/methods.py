@@ -8,7 +8,7 @@ working memory does not grow with the number of models (the inputs themselves ar
 Computing in float64 makes ``theta_0 + 1 * (theta_t - theta_0)`` reproduce ``theta_t`` exactly after the cast back
 to float32.
 
-Libraries disagree on conventions (SPEC section 4); each docstring states the one implemented, the others are
+Libraries disagree on conventions (docs/conventions.md); each docstring states the one implemented, the others are
 options where they are cheap. Trimming is always per tensor (as mergekit and PEFT do; the TIES paper's code trims
 over the whole flattened model, which a streaming merge cannot do).
 """
@@ -91,8 +91,9 @@ class MergeMethod:
     def summary(self) -> str:
         return (self.function.__doc__ or "").strip().splitlines()[0]
 
-    def resolve_parameters(self, given: Mapping[str, Any], *, where: str = "parameters",
-                           defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def resolve_parameters(
+        self, given: Mapping[str, Any], *, where: str = "parameters", defaults: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``defaults`` (the method's own, unless given) updated with ``given``, validated; errors name the field."""
         declared = {parameter.name: parameter for parameter in self.parameters}
         unknown = sorted(set(given) - set(declared))
@@ -113,13 +114,20 @@ class MergeMethod:
 
     def check_model_count(self, count: int) -> None:
         if count < self.min_models or (self.max_models is not None and count > self.max_models):
-            wanted = str(self.min_models) if self.min_models == self.max_models else (
-                f"at least {self.min_models}" + (f" and at most {self.max_models}" if self.max_models else "")
+            wanted = (
+                str(self.min_models)
+                if self.min_models == self.max_models
+                else (f"at least {self.min_models}" + (f" and at most {self.max_models}" if self.max_models else ""))
             )
             raise ValueError(f"models: method {self.name!r} needs {wanted} models, got {count}")
 
-    def __call__(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor],
-                 weights: Sequence[float] | None = None, **parameters: Any) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        base: torch.Tensor,
+        finetuned: Sequence[torch.Tensor],
+        weights: Sequence[float] | None = None,
+        **parameters: Any,
+    ) -> torch.Tensor:
         self.check_model_count(len(finetuned))
         weights = [1.0] * len(finetuned) if weights is None else list(weights)
         if len(weights) != len(finetuned):
@@ -239,8 +247,14 @@ def _rescale(delta: torch.Tensor, kept: torch.Tensor, rescale: str, probability:
     return kept
 
 
-def _weighted_sum(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
-                  sparsify: Sparsify | None = None, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:  # fmt: skip
+def _weighted_sum(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    alpha: float,
+    sparsify: Sparsify | None = None,
+    dtype: torch.dtype = COMPUTE_DTYPE,
+) -> torch.Tensor:
     """``theta_0 + alpha * sum_t w_t * sparsify(tau_t)``, computed in ``dtype``."""
     base_compute = _as_compute(base, dtype)
     total = torch.zeros_like(base_compute)
@@ -249,8 +263,15 @@ def _weighted_sum(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights
     return base_compute.add_(total, alpha=alpha)
 
 
-def _sign_consensus(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], alpha: float,
-                    sparsify: Sparsify, sign_election: str, disjoint_mean: str) -> torch.Tensor:  # fmt: skip
+def _sign_consensus(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    alpha: float,
+    sparsify: Sparsify,
+    sign_election: str,
+    disjoint_mean: str,
+) -> torch.Tensor:
     """TIES steps 2-3 on sparsified task vectors: elect a sign per entry, combine the entries that agree with it.
 
     ``sparsify(t, tau_t)`` must be deterministic: it is called twice per model so that only one task vector is
@@ -288,30 +309,46 @@ def _alpha(default: float) -> MethodParameter:
 
 
 def _density(default: float) -> MethodParameter:
-    return MethodParameter("density", "Fraction of entries of each task vector kept.", default, minimum=0.0,
-                           maximum=1.0, exclusive_minimum=True)  # fmt: skip
+    return MethodParameter(
+        "density",
+        "Fraction of entries of each task vector kept.",
+        default,
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=True,
+    )
 
 
 _SIGN_ELECTION = MethodParameter(
-    "sign_election", "Elect signs on weighted (mergekit) or unweighted (PEFT) task vectors.",
-    "weighted", kind=str, choices=("weighted", "unweighted"),
-)  # fmt: skip
+    "sign_election",
+    "Elect signs on weighted (mergekit) or unweighted (PEFT) task vectors.",
+    "weighted",
+    kind=str,
+    choices=("weighted", "unweighted"),
+)
 _DISJOINT_MEAN = MethodParameter(
-    "disjoint_mean", "Divide the agreeing sum by the agreeing weights (mergekit), by their count (PEFT), or not.",
-    "weight_sum", kind=str, choices=("weight_sum", "count", "none"),
-)  # fmt: skip
+    "disjoint_mean",
+    "Divide the agreeing sum by the agreeing weights (mergekit), by their count (PEFT), or not.",
+    "weight_sum",
+    kind=str,
+    choices=("weight_sum", "count", "none"),
+)
 _RESCALE = MethodParameter(
-    "rescale", "Rescale kept entries by 1/density (DARE paper), to keep the L1 norm (mergekit), or not.",
-    "inverse_density", kind=str, choices=("inverse_density", "l1_norm", "none"),
-)  # fmt: skip
+    "rescale",
+    "Rescale kept entries by 1/density (DARE paper), to keep the L1 norm (mergekit), or not.",
+    "inverse_density",
+    kind=str,
+    choices=("inverse_density", "l1_norm", "none"),
+)
 _SEED = MethodParameter("seed", "Seed of the random drop masks.", 0, kind=int)
 
 
 # ---- the methods ------------------------------------------------------------------------------------------------
 
 
-@register_merge_method("weight_average", reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-                       coefficient=None)  # fmt: skip
+@register_merge_method(
+    "weight_average", reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)", coefficient=None
+)
 def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean of the fine-tuned weights: ``sum_t w_t theta_t / sum_t w_t`` (weights are normalised).
 
@@ -327,10 +364,20 @@ def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weight
     return total.div_(total_weight)
 
 
-@register_merge_method("task_arithmetic", reference="Ilharco et al. 2023, Editing models with task arithmetic "
-                       "(arXiv:2212.04089)", parameters=(_alpha(0.3),), float32=True)  # fmt: skip
-def task_arithmetic(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                    alpha: float = 0.3, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:  # fmt: skip
+@register_merge_method(
+    "task_arithmetic",
+    reference="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+    parameters=(_alpha(0.3),),
+    float32=True,
+)
+def task_arithmetic(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 0.3,
+    dtype: torch.dtype = COMPUTE_DTYPE,
+) -> torch.Tensor:
     """``theta_0 + alpha * sum_t w_t tau_t`` (weights are not normalised; negative weights subtract a task).
 
     With ``dtype=torch.float32`` (the engine's choice for float32 inputs and output) each ``tau_t`` is the correctly
@@ -344,12 +391,20 @@ def task_arithmetic(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weigh
 
 
 @register_merge_method(
-    "ties", reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models (arXiv:2306.01708)",
+    "ties",
+    reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models (arXiv:2306.01708)",
     parameters=(_alpha(1.0), _density(0.2), _SIGN_ELECTION, _DISJOINT_MEAN),
-)  # fmt: skip
-def ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
-         density: float = 0.2, sign_election: Literal["weighted", "unweighted"] = "weighted",
-         disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+)
+def ties(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 1.0,
+    density: float = 0.2,
+    sign_election: Literal["weighted", "unweighted"] = "weighted",
+    disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum",
+) -> torch.Tensor:
     """TIES: trim, elect sign, disjoint mean, then ``theta_0 + alpha * merged``.
 
     Trim keeps the ``max(1, int(density * n))`` largest-magnitude entries of each ``tau_t``, per tensor of ``n``
@@ -370,15 +425,24 @@ def _dare_sparsifier(density: float, rescale: str, seed: int) -> Sparsify:
     return sparsify
 
 
-_DARE_PAPER = "Yu et al. 2024, Language models are Super Mario: absorbing abilities from homologous models (arXiv:2311.03099)"
+_DARE_PAPER = (
+    "Yu et al. 2024, Language models are Super Mario: absorbing abilities from homologous models (arXiv:2311.03099)"
+)
 
 
 @register_merge_method(
     "dare_linear", reference=_DARE_PAPER, parameters=(_alpha(0.3), _density(0.5), _RESCALE, _SEED), seeded=True
 )
-def dare_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                alpha: float = 0.3, density: float = 0.5,
-                rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0) -> torch.Tensor:  # fmt: skip
+def dare_linear(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 0.3,
+    density: float = 0.5,
+    rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
+    seed: int = 0,
+) -> torch.Tensor:
     """DARE then task arithmetic: ``theta_0 + alpha * sum_t w_t DARE(tau_t)``.
 
     DARE drops each entry with probability ``1 - density`` and rescales the survivors (``rescale``). Model ``t``'s
@@ -389,14 +453,23 @@ def dare_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
 
 
 @register_merge_method(
-    "dare_ties", reference=_DARE_PAPER,
-    parameters=(_alpha(1.0), _density(0.5), _RESCALE, _SEED, _SIGN_ELECTION, _DISJOINT_MEAN), seeded=True,
-)  # fmt: skip
-def dare_ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-              alpha: float = 1.0, density: float = 0.5,
-              rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0,
-              sign_election: Literal["weighted", "unweighted"] = "weighted",
-              disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+    "dare_ties",
+    reference=_DARE_PAPER,
+    parameters=(_alpha(1.0), _density(0.5), _RESCALE, _SEED, _SIGN_ELECTION, _DISJOINT_MEAN),
+    seeded=True,
+)
+def dare_ties(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 1.0,
+    density: float = 0.5,
+    rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
+    seed: int = 0,
+    sign_election: Literal["weighted", "unweighted"] = "weighted",
+    disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum",
+) -> torch.Tensor:
     """DARE in place of TIES' magnitude trim, then TIES sign election and disjoint mean (as in ``ties``);
     masks are seeded as in ``dare_linear``."""
     return _sign_consensus(
@@ -409,13 +482,22 @@ def dare_ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Se
     reference="Davari & Belilovsky 2024, Model breadcrumbs: scaling multi-task model merging with sparse masks "
     "(arXiv:2312.06795)",
     parameters=(
-        _alpha(0.3), _density(0.9),
-        MethodParameter("gamma", "Fraction of largest-magnitude entries (outliers) removed.", 0.01, minimum=0.0,
-                        maximum=1.0),
+        _alpha(0.3),
+        _density(0.9),
+        MethodParameter(
+            "gamma", "Fraction of largest-magnitude entries (outliers) removed.", 0.01, minimum=0.0, maximum=1.0
+        ),
     ),
-)  # fmt: skip
-def breadcrumbs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                alpha: float = 0.3, density: float = 0.9, gamma: float = 0.01) -> torch.Tensor:  # fmt: skip
+)
+def breadcrumbs(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 0.3,
+    density: float = 0.9,
+    gamma: float = 0.01,
+) -> torch.Tensor:
     """Model breadcrumbs: per tensor of ``n`` entries and model, drop the ``int(gamma * n)`` largest entries of
     ``tau_t`` by magnitude (outliers) and keep the next ``int(density * n)``, then ``theta_0 + alpha * sum_t w_t
     masked_t``: mergekit's ``magnitude_outliers`` counts, which drop fewer outliers when ``density + gamma > 1``
@@ -426,9 +508,12 @@ def breadcrumbs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
 
 
 @register_merge_method(
-    "model_stock", reference="Jang et al. 2024, Model stock: all we need is just a few fine-tuned models "
-    "(arXiv:2403.19522)", min_models=2, uses_weights=False, coefficient=None,
-)  # fmt: skip
+    "model_stock",
+    reference="Jang et al. 2024, Model stock: all we need is just a few fine-tuned models (arXiv:2403.19522)",
+    min_models=2,
+    uses_weights=False,
+    coefficient=None,
+)
 def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Model stock, per tensor: ``theta_0 + t * mean_t tau_t`` with ``t = T cos / ((T - 1) cos + 1)``.
 
@@ -455,13 +540,16 @@ def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
 
 
 @register_merge_method(
-    "linear_interpolation", reference="Ainsworth et al. 2023 / the implicit-bias merging paper: "
-    "theta = (1 - alpha) theta_A + alpha theta_B", parameters=(
-        MethodParameter("alpha", "Position on the line from the first model (0) to the second (1).", 0.5),
-    ), min_models=2, max_models=2, uses_weights=False,
-)  # fmt: skip
-def linear_interpolation(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                         alpha: float = 0.5) -> torch.Tensor:  # fmt: skip
+    "linear_interpolation",
+    reference="Ainsworth et al. 2023 / the implicit-bias merging paper: theta = (1 - alpha) theta_A + alpha theta_B",
+    parameters=(MethodParameter("alpha", "Position on the line from the first model (0) to the second (1).", 0.5),),
+    min_models=2,
+    max_models=2,
+    uses_weights=False,
+)
+def linear_interpolation(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 0.5
+) -> torch.Tensor:
     """``(1 - alpha) theta_A + alpha theta_B`` for the two listed models (the base is not used; ``alpha`` outside
     [0, 1] extrapolates). ``alpha = 0`` and ``1`` give the end points exactly."""
     first, second = finetuned
@@ -469,22 +557,39 @@ def linear_interpolation(base: torch.Tensor, finetuned: Sequence[torch.Tensor], 
 
 
 @register_merge_method(
-    "slerp", reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); as model merging in "
-    "mergekit (Goddard et al. 2024, arXiv:2403.13257)", parameters=(
+    "slerp",
+    reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); as model merging in "
+    "mergekit (Goddard et al. 2024, arXiv:2403.13257)",
+    parameters=(
         MethodParameter("t", "Position on the great arc from the first model (0) to the second (1).", 0.5),
-        MethodParameter("dot_threshold", "Above this |cosine| the models are interpolated linearly.", 0.9995,
-                        minimum=0.0, maximum=1.0),
-    ), min_models=2, max_models=2, uses_weights=False, coefficient="t",
-)  # fmt: skip
-def slerp(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, t: float = 0.5,
-          dot_threshold: float = 0.9995) -> torch.Tensor:  # fmt: skip
+        MethodParameter(
+            "dot_threshold",
+            "Above this |cosine| the models are interpolated linearly.",
+            0.9995,
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    ),
+    min_models=2,
+    max_models=2,
+    uses_weights=False,
+    coefficient="t",
+)
+def slerp(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    t: float = 0.5,
+    dot_threshold: float = 0.9995,
+) -> torch.Tensor:
     """Spherical interpolation between the two listed models, each tensor flattened to one vector.
 
     mergekit's ``slerp``: ``sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b`` with
-    ``cos(theta)`` the cosine of ``a`` and ``b`` (clamped to [-1, 1]; a norm at or below 1e-8 counts as 1). Nearly collinear or antipodal pairs
-    (``|cos| > dot_threshold``) are interpolated linearly, ``(1 - t) a + t b``. The base is not used: mergekit's
-    ``base_model`` is the first model (``t = 0``). Computed in float64 (mergekit: float32 unless the inputs are
-    float64)."""
+    ``cos(theta)`` the cosine of ``a`` and ``b`` (clamped to [-1, 1]; a norm at or below 1e-8 counts as 1). Nearly
+    collinear or antipodal pairs (``|cos| > dot_threshold``) are interpolated linearly, ``(1 - t) a + t b``. The
+    base is not used: mergekit's ``base_model`` is the first model (``t = 0``). Computed in float64 (mergekit:
+    float32 unless the inputs are float64)."""
     first, second = (_as_compute(tensor).reshape(-1) for tensor in finetuned)
     norms = [torch.linalg.vector_norm(vector).item() for vector in (first, second)]
     norm_first, norm_second = (norm if norm > 1e-8 else 1.0 for norm in norms)
@@ -515,18 +620,25 @@ def _della_sparsifier(density: float, epsilon: float, rescale: str, seed: int) -
 def _check_della(parameters: dict[str, Any], where: str) -> None:
     density, epsilon = parameters["density"], parameters["epsilon"]
     if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
-        raise ValueError(f"{where}.epsilon: density - epsilon and density + epsilon must lie in (0, 1), got "
-                         f"{density} -+ {epsilon}")  # fmt: skip
+        raise ValueError(
+            f"{where}.epsilon: density - epsilon and density + epsilon must lie in (0, 1), got {density} -+ {epsilon}"
+        )
 
 
-_DELLA_PAPER = ("Deep et al. 2024, DELLA-Merging: reducing interference in model merging through magnitude-based "
-                "sampling (arXiv:2406.11617)")  # fmt: skip
-_EPSILON = MethodParameter("epsilon", "Half-width of the keep-probability range around density (mergekit's).", 0.15,
-                           minimum=0.0)  # fmt: skip
+_DELLA_PAPER = (
+    "Deep et al. 2024, DELLA-Merging: reducing interference in model merging through magnitude-based "
+    "sampling (arXiv:2406.11617)"
+)
+_EPSILON = MethodParameter(
+    "epsilon", "Half-width of the keep-probability range around density (mergekit's).", 0.15, minimum=0.0
+)
 _DELLA_RESCALE = MethodParameter(
-    "rescale", "Rescale kept entries by 1/their keep probability (paper), to keep the L1 norm (mergekit), or not.",
-    "inverse_density", kind=str, choices=("inverse_density", "l1_norm", "none"),
-)  # fmt: skip
+    "rescale",
+    "Rescale kept entries by 1/their keep probability (paper), to keep the L1 norm (mergekit), or not.",
+    "inverse_density",
+    kind=str,
+    choices=("inverse_density", "l1_norm", "none"),
+)
 _DELLA_DOC = """MagPrune keeps each entry of ``tau_t`` with a probability rising linearly with its magnitude rank,
     from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest), ranks taken within each row of a 2-D
     tensor and over all of a 1-D tensor (mergekit's ``della_magprune``; a tensor of more dimensions is ranked per
@@ -540,14 +652,25 @@ _DELLA_DOC = """MagPrune keeps each entry of ``tau_t`` with a probability rising
 
 
 @register_merge_method(
-    "della", reference=_DELLA_PAPER, seeded=True, check=_check_della,
+    "della",
+    reference=_DELLA_PAPER,
+    seeded=True,
+    check=_check_della,
     parameters=(_alpha(1.0), _density(0.5), _EPSILON, _DELLA_RESCALE, _SEED, _SIGN_ELECTION, _DISJOINT_MEAN),
-)  # fmt: skip
-def della(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
-          density: float = 0.5, epsilon: float = 0.15,
-          rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density", seed: int = 0,
-          sign_election: Literal["weighted", "unweighted"] = "weighted",
-          disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum") -> torch.Tensor:  # fmt: skip
+)
+def della(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 1.0,
+    density: float = 0.5,
+    epsilon: float = 0.15,
+    rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
+    seed: int = 0,
+    sign_election: Literal["weighted", "unweighted"] = "weighted",
+    disjoint_mean: Literal["weight_sum", "count", "none"] = "weight_sum",
+) -> torch.Tensor:
     """DELLA: MagPrune each task vector, elect signs and fuse the agreeing entries as TIES does, scale by ``alpha``.
 
     {doc}
@@ -557,13 +680,23 @@ def della(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequen
 
 
 @register_merge_method(
-    "della_linear", reference=_DELLA_PAPER, seeded=True, check=_check_della,
+    "della_linear",
+    reference=_DELLA_PAPER,
+    seeded=True,
+    check=_check_della,
     parameters=(_alpha(1.0), _density(0.5), _EPSILON, _DELLA_RESCALE, _SEED),
-)  # fmt: skip
-def della_linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-                 alpha: float = 1.0, density: float = 0.5, epsilon: float = 0.15,
-                 rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
-                 seed: int = 0) -> torch.Tensor:  # fmt: skip
+)
+def della_linear(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 1.0,
+    density: float = 0.5,
+    epsilon: float = 0.15,
+    rescale: Literal["inverse_density", "l1_norm", "none"] = "inverse_density",
+    seed: int = 0,
+) -> torch.Tensor:
     """DELLA without sign election: ``theta_0 + alpha * sum_t w_t MagPrune(tau_t)`` (mergekit's ``della_linear``).
 
     {doc}
@@ -593,11 +726,15 @@ def _task_vector_sum(base64: torch.Tensor, finetuned: Sequence[torch.Tensor]) ->
 
 
 @register_merge_method(
-    "tsv_m", reference="Gargiulo et al. 2025, Task singular vectors: reducing task interference in model merging "
-    "(CVPR 2025, arXiv:2412.00081)", parameters=(_alpha(1.0),), uses_weights=False,
-)  # fmt: skip
-def tsv_m(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-          alpha: float = 1.0) -> torch.Tensor:  # fmt: skip
+    "tsv_m",
+    reference="Gargiulo et al. 2025, Task singular vectors: reducing task interference in model merging "
+    "(CVPR 2025, arXiv:2412.00081)",
+    parameters=(_alpha(1.0),),
+    uses_weights=False,
+)
+def tsv_m(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0
+) -> torch.Tensor:
     """Task Singular Vectors merge: each task's top singular vectors, whitened together, per 2-D weight matrix.
 
     Per matrix ``tau_t`` (m x n, k = min(m, n)) of T tasks: keep each task's top
@@ -628,13 +765,16 @@ def tsv_m(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequen
     return base64.add_(left @ torch.diag(torch.cat(values)) @ right, alpha=alpha)
 
 
-_ISO_PAPER = ("Marczak et al. 2025, No task left behind: isotropic model merging with common and task-specific "
-              "subspaces (ICML 2025, arXiv:2502.04959)")  # fmt: skip
+_ISO_PAPER = (
+    "Marczak et al. 2025, No task left behind: isotropic model merging with common and task-specific "
+    "subspaces (ICML 2025, arXiv:2502.04959)"
+)
 
 
 @register_merge_method("iso_c", reference=_ISO_PAPER, parameters=(_alpha(1.0),), uses_weights=False)
-def iso_c(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *,
-          alpha: float = 1.0) -> torch.Tensor:  # fmt: skip
+def iso_c(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0
+) -> torch.Tensor:
     """Isotropic merge: the summed task matrices with a flat spectrum, per 2-D weight matrix.
 
     Per matrix: the task-arithmetic sum ``sum_t tau_t = U S V^T`` with every singular value
@@ -650,14 +790,28 @@ def iso_c(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequen
 
 
 @register_merge_method(
-    "iso_cts", reference=_ISO_PAPER, uses_weights=False, parameters=(
+    "iso_cts",
+    reference=_ISO_PAPER,
+    uses_weights=False,
+    parameters=(
         _alpha(1.0),
-        MethodParameter("common_space_fraction", "Fraction of each matrix's rank given to the common subspace.", 0.8,
-                        minimum=0.0, maximum=1.0),
+        MethodParameter(
+            "common_space_fraction",
+            "Fraction of each matrix's rank given to the common subspace.",
+            0.8,
+            minimum=0.0,
+            maximum=1.0,
+        ),
     ),
-)  # fmt: skip
-def iso_cts(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 1.0,
-            common_space_fraction: float = 0.8) -> torch.Tensor:  # fmt: skip
+)
+def iso_cts(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    alpha: float = 1.0,
+    common_space_fraction: float = 0.8,
+) -> torch.Tensor:
     """Isotropic merge in a common plus task-specific subspaces, per 2-D weight matrix.
 
     Per matrix (m x n, k = min(m, n)) of T tasks: the common subspace is the top

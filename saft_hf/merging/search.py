@@ -66,10 +66,16 @@ def _grid_points(config: MergeConfig, grid: Mapping[str, Sequence[Any]]) -> list
     return points
 
 
-def search_coefficients(config: MergeConfig | dict | str | Path, evaluate_fn: EvaluateFn,
-                        grid: Mapping[str, Sequence[Any]] | None = None, *,
-                        evaluate_on: Literal["state_dict", "folder"] = "state_dict", write_best: bool = True,
-                        token: str | bool | None = None, progress: bool = True) -> SearchResult:  # fmt: skip
+def search_coefficients(
+    config: MergeConfig | dict | str | Path,
+    evaluate_fn: EvaluateFn,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    *,
+    evaluate_on: Literal["state_dict", "folder"] = "state_dict",
+    write_best: bool = True,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> SearchResult:
     """Score every grid point with ``evaluate_fn`` (higher is better) and write the best merge to ``output_dir``.
 
     Args:
@@ -98,13 +104,20 @@ def search_coefficients(config: MergeConfig | dict | str | Path, evaluate_fn: Ev
         table.append({**point, SCORE_COLUMN: score})
     best = max(table, key=lambda row: -math.inf if math.isnan(row[SCORE_COLUMN]) else row[SCORE_COLUMN])
     best_parameters = {name: best[name] for name in points[0]}
-    output_dir = write_merge(plan, overrides=best_parameters, progress=progress, search_table=table) if write_best else None
+    output_dir = (
+        write_merge(plan, overrides=best_parameters, progress=progress, search_table=table) if write_best else None
+    )
     return SearchResult(best_parameters, best[SCORE_COLUMN], table, output_dir)
 
 
-def task_accuracy_evaluator(tasks: Sequence[str], *, model: str | os.PathLike, split: str = "validation",
-                            reference_accuracy: Mapping[str, float] | None = None,
-                            **evaluate_kwargs: Any) -> EvaluateFn:  # fmt: skip
+def task_accuracy_evaluator(
+    tasks: Sequence[str],
+    *,
+    model: str | os.PathLike,
+    split: str = "validation",
+    reference_accuracy: Mapping[str, float] | None = None,
+    **evaluate_kwargs: Any,
+) -> EvaluateFn:
     """An ``evaluate_fn`` for :func:`search_coefficients`: the mean accuracy of a merged state dict over ``tasks``.
 
     Each task is scored with :func:`saft_hf.evaluation.evaluate_model` on ``split`` (the paper selects on
@@ -130,8 +143,9 @@ def task_accuracy_evaluator(tasks: Sequence[str], *, model: str | os.PathLike, s
     return evaluate
 
 
-def _evaluate(plan: MergePlan, point: dict[str, Any], evaluate_fn: EvaluateFn, evaluate_on: str,
-              finetune_mode: str | None) -> float:  # fmt: skip
+def _evaluate(
+    plan: MergePlan, point: dict[str, Any], evaluate_fn: EvaluateFn, evaluate_on: str, finetune_mode: str | None
+) -> float:
     if evaluate_on == "state_dict":
         return evaluate_fn(MergedStateDict(plan.merged_tensors(point), finetune_mode))
     with tempfile.TemporaryDirectory(prefix="saft_hf-search-") as scratch:

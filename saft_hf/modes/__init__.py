@@ -17,7 +17,6 @@ import inspect
 from collections.abc import Callable
 from typing import Literal
 
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .ftlo import apply_ftlo, attention_projection_names
@@ -71,18 +70,6 @@ def apply_finetune_mode(model: nn.Module, mode: FinetuneMode, **options) -> nn.M
     return model
 
 
-def savable_model(model: nn.Module) -> nn.Module:
-    """The model whose `save_pretrained` writes the mode's artifact, DDP/compile wrappers removed: the wrapped
-    model holding `w` for `ftts` (a plain model folder), the `PeftModel` for `lora`, the model itself otherwise."""
-    model = extract_model_from_parallel(model)
-    return model.model if isinstance(model, LinearizedModel) else model
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that require gradients: what the optimizer updates and SAFT perturbs."""
-    return [name for name, param in model.named_parameters() if param.requires_grad]
-
-
 __all__ = [
     "FINETUNE_MODES",
     "LORA_MODE",
@@ -99,7 +86,5 @@ __all__ = [
     "linearize",
     "load_linearized",
     "load_pretrained_model",
-    "savable_model",
     "saved_finetune_mode",
-    "trainable_parameter_names",
 ]

@@ -225,8 +225,9 @@ class LinearizedModel(PreTrainedModel):
 
         def next_step(params, encoder_hidden):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
-            return self._output(params, {**inputs, "encoder_outputs": encoder_outputs,
-                                         "decoder_input_ids": decoder_ids}).logits[:, -1]  # fmt: skip
+            return self._output(
+                params, {**inputs, "encoder_outputs": encoder_outputs, "decoder_input_ids": decoder_ids}
+            ).logits[:, -1]
 
         (logits, encoder_hidden), (tangent, encoder_tangent) = self._jvp(first_step, (base,), (delta,))
         for step in range(max_new_tokens):
@@ -324,9 +325,7 @@ def load_linearized(
     return LinearizedModel(model, base_weights=base_weights, base_model_name_or_path=base_name)
 
 
-def _parameters_from(
-    state: Mapping[str, torch.Tensor], model: nn.Module, source: str
-) -> dict[str, torch.Tensor]:
+def _parameters_from(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in state]
     if missing:

@@ -87,12 +87,24 @@ CONFIGURATIONS = {
 
 def config(synced: bool, sync_each_batch: bool) -> SAFTConfig:
     return SAFTConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=2,
-        gradient_accumulation_steps=ACCUMULATION, learning_rate=LR, lr_scheduler_type="constant",
-        optim="adamw_torch", train_sampling_strategy="sequential", save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, sam_rho=RHO, sam_sync_perturbation=synced, logging_steps=1,
-        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}}, **ADAM,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        sam_rho=RHO,
+        sam_sync_perturbation=synced,
+        logging_steps=1,
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}},
+        **ADAM,
+    )
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 import datasets
 import evaluate
+
 from saft_hf.models.t5 import normalize_prediction
 
 _DESCRIPTION = """

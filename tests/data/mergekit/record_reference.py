@@ -52,27 +52,55 @@ KERNEL_CASES = {
     "linear": ("linear", {}, {"weight": [1.0, 0.3, 0.5]}, 3, SHAPES, None),
     "linear_equal": ("linear", {}, {"weight": [1.0, 1.0, 1.0]}, 3, SHAPES, None),
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.7}, {"weight": [1.0, 0.5, -0.3]}, 3, SHAPES, None),
-    "task_arithmetic_normalize": ("task_arithmetic", {"normalize": True}, {"weight": [1.0, 0.5, 2.0]}, 3, SHAPES,
-                                  None),
+    "task_arithmetic_normalize": ("task_arithmetic", {"normalize": True}, {"weight": [1.0, 0.5, 2.0]}, 3, SHAPES, None),
     "ties": ("ties", {}, {"weight": [1.0, 1.0, 1.0], "density": 0.3}, 3, SHAPES, None),
     "ties_weighted": ("ties", {"lambda": 0.9}, {"weight": [1.0, 2.0, 0.5], "density": 0.2}, 3, SHAPES, None),
     "ties_negative_weight": ("ties", {}, {"weight": [1.0, -0.5, 1.0], "density": 0.5}, 3, SHAPES, None),
-    "ties_unnormalized": ("ties", {"normalize": False}, {"weight": [0.6, 0.4, 1.0], "density": 0.7}, 3, SHAPES,
-                          None),
+    "ties_unnormalized": ("ties", {"normalize": False}, {"weight": [0.6, 0.4, 1.0], "density": 0.7}, 3, SHAPES, None),
     "breadcrumbs": ("breadcrumbs", {}, {"weight": [1.0, 1.0, 1.0], "density": 0.6, "gamma": 0.1}, 3, SHAPES, None),
-    "breadcrumbs_overlap": ("breadcrumbs", {"lambda": 0.5}, {"weight": [1.0, 0.5, 1.0], "density": 0.9,
-                                                            "gamma": 0.2}, 3, SHAPES, None),
+    "breadcrumbs_overlap": (
+        "breadcrumbs",
+        {"lambda": 0.5},
+        {"weight": [1.0, 0.5, 1.0], "density": 0.9, "gamma": 0.2},
+        3,
+        SHAPES,
+        None,
+    ),
     "dare_linear": ("dare_linear", {}, {"weight": [1.0, 0.5, 1.0], "density": 0.4}, 3, SHAPES, 7),
-    "dare_linear_no_rescale": ("dare_linear", {"rescale": False}, {"weight": [1.0, 1.0, 1.0], "density": 0.6}, 3,
-                               SHAPES, 8),
+    "dare_linear_no_rescale": (
+        "dare_linear",
+        {"rescale": False},
+        {"weight": [1.0, 1.0, 1.0], "density": 0.6},
+        3,
+        SHAPES,
+        8,
+    ),
     "dare_ties": ("dare_ties", {}, {"weight": [1.0, 1.0, 1.0], "density": 0.5}, 3, SHAPES, 9),
-    "dare_ties_normalize": ("dare_ties", {"normalize": True, "lambda": 1.5},
-                            {"weight": [0.5, 1.0, 0.8], "density": 0.3}, 3, SHAPES, 10),
+    "dare_ties_normalize": (
+        "dare_ties",
+        {"normalize": True, "lambda": 1.5},
+        {"weight": [0.5, 1.0, 0.8], "density": 0.3},
+        3,
+        SHAPES,
+        10,
+    ),
     "della": ("della", {}, {"weight": [1.0, 1.0, 1.0], "density": 0.5, "epsilon": 0.2}, 3, SHAPES[:2], 11),
-    "della_linear": ("della_linear", {"lambda": 0.8}, {"weight": [1.0, 0.5, 1.0], "density": 0.6, "epsilon": 0.15},
-                     3, SHAPES[:2], 12),
-    "della_no_rescale": ("della", {"rescale": False}, {"weight": [1.0, 1.0, 1.0], "density": 0.4, "epsilon": 0.1},
-                         3, SHAPES[:2], 13),
+    "della_linear": (
+        "della_linear",
+        {"lambda": 0.8},
+        {"weight": [1.0, 0.5, 1.0], "density": 0.6, "epsilon": 0.15},
+        3,
+        SHAPES[:2],
+        12,
+    ),
+    "della_no_rescale": (
+        "della",
+        {"rescale": False},
+        {"weight": [1.0, 1.0, 1.0], "density": 0.4, "epsilon": 0.1},
+        3,
+        SHAPES[:2],
+        13,
+    ),
     "model_stock": ("model_stock", {}, {}, 3, SHAPES, None),
     "model_stock_two": ("model_stock", {}, {}, 2, SHAPES, None),
     "slerp": ("slerp", {"t": 0.3}, {}, 1, SHAPES, None),
@@ -92,8 +120,14 @@ def kernel_inputs(case_index: int, shape: tuple[int, ...], count: int, collinear
 def record_kernels() -> None:
     tensors, cases = {}, {}
     for case_index, (case, (method, shared, per_model, count, shapes, seed)) in enumerate(KERNEL_CASES.items()):
-        cases[case] = {"method": method, "parameters": shared, "models": per_model, "count": count,
-                       "shapes": [list(shape) for shape in shapes], "seed": seed}
+        cases[case] = {
+            "method": method,
+            "parameters": shared,
+            "models": per_model,
+            "count": count,
+            "shapes": [list(shape) for shape in shapes],
+            "seed": seed,
+        }
         for shape in shapes:
             inputs = kernel_inputs(case_index, shape, count, case == "slerp_collinear")
             ids = ["base", *(f"m{index}" for index in range(len(inputs) - 1))]
@@ -110,8 +144,13 @@ def record_kernels() -> None:
                 tensors[f"{key}/input{index}"] = tensor
             tensors[f"{key}/output"] = output.to(torch.float64).contiguous()
     save_file(tensors, HERE / "kernels.safetensors")
-    (HERE / "kernels.json").write_text(json.dumps({"mergekit": mergekit.__version__ if hasattr(mergekit, "__version__")
-                                                   else "0.1.5", "cases": cases}, indent=1) + "\n")
+    (HERE / "kernels.json").write_text(
+        json.dumps(
+            {"mergekit": mergekit.__version__ if hasattr(mergekit, "__version__") else "0.1.5", "cases": cases},
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 MODELS = ("base", "model_a", "model_b", "model_c")
@@ -123,9 +162,16 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
 
 
 def write_models() -> dict[str, dict[str, torch.Tensor]]:
-    config = transformers.LlamaConfig(vocab_size=37, hidden_size=12, intermediate_size=21, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=37,
+        hidden_size=12,
+        intermediate_size=21,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
     states = {}
@@ -145,13 +191,16 @@ def write_models() -> dict[str, dict[str, torch.Tensor]]:
 
 def record_recipes(states: dict[str, dict[str, torch.Tensor]]) -> None:
     """Run every recipe; GTA sparsification learns which tensor and model it is given from the delta itself."""
-    deltas = {(name, index): states[model][name] - states["base"][name]
-              for index, model in enumerate(MODELS[1:]) for name in states["base"]}  # fmt: skip
+    deltas = {
+        (name, index): states[model][name] - states["base"][name]
+        for index, model in enumerate(MODELS[1:])
+        for name in states["base"]
+    }
     original = generalized_task_arithmetic.sparsify
 
     def sparsify(delta, **kwargs):
         matches = [key for key, value in deltas.items() if value.shape == delta.shape and torch.equal(value, delta)]
-        (name, index), = matches
+        ((name, index),) = matches
         _draw.update(seed=tensor_seed(0, name) + index, counter=itertools.repeat(0))
         return original(delta, **kwargs)
 
