@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Let NaN/Inf values in the models (or the difference) through instead of refusing.",
     )
+    vector.add_argument(
+        "--allow_other_base",
+        action="store_true",
+        help="With --lora: accept an adapter whose recorded base_model_name_or_path is another model than --base.",
+    )
     vector.add_argument("--push_to_hub", metavar="REPO", help="Also upload the task vector to this Hub repo.")
     vector.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
 
@@ -120,7 +125,12 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
     if args.lora:
         vector = TaskVector.from_lora(
-            args.base, args.lora, finetune_mode=args.finetune_mode or "lora", allow_pickle=args.allow_pickle, **recorded
+            args.base,
+            args.lora,
+            finetune_mode=args.finetune_mode or "lora",
+            allow_pickle=args.allow_pickle,
+            allow_other_base=args.allow_other_base,
+            **recorded,
         )
     else:
         dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -47,6 +47,7 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.utils import cached_file
 
 from .data import SPLITS, ImageClassificationTask, Task, TextToTextTask, get_task
+from .layout import ADAPTER_CONFIG_NAME
 from .metrics import load_metric
 from .models import (
     HEAD_FILE,
@@ -60,7 +61,6 @@ from .models import (
 from .modes import FINETUNE_MODES, FTTS_MODE, LinearizedModel, load_linearized, saved_finetune_mode
 
 DEFAULT_BATCH_SIZE = 64
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 # Keyword arguments of the secondary metrics. F1 is GLUE's: of class 1 (MRPC "equivalent", QQP "duplicate");
 # restricting it to that label keeps off-label predictions (-1) as "not class 1" rather than an error.
 _METRIC_ARGS: dict[str, dict[str, Any]] = {"f1": {"labels": [1], "average": "micro"}}
@@ -200,7 +200,7 @@ def _image_classifier(model_or_path, task, base, head) -> nn.Module:
         return model_or_path
 
     path = str(model_or_path)
-    if _has_file(path, ADAPTER_CONFIG_FILE):
+    if _has_file(path, ADAPTER_CONFIG_NAME):
         adapter_base = _adapter_base(path, base)
         resolved = zero_shot_head_for(task, head, [path, adapter_base])
         return PeftModel.from_pretrained(CLIPVisionClassifier.from_pretrained(adapter_base, head=resolved), path)
@@ -232,7 +232,7 @@ def _text_to_text(model_or_path: ModelOrPath, base: str | os.PathLike | None) ->
     if not _is_path(model_or_path):
         return model_or_path
     path = str(model_or_path)
-    if _has_file(path, ADAPTER_CONFIG_FILE):
+    if _has_file(path, ADAPTER_CONFIG_NAME):
         return PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(_adapter_base(path, base)), path)
     if saved_finetune_mode(path) == FTTS_MODE:
         return load_linearized(path, _ftts_base(path, base), load_model=AutoModelForSeq2SeqLM.from_pretrained)
@@ -244,7 +244,7 @@ def _processor_sources(model_or_path: ModelOrPath, base: Any) -> list[str]:
     if _is_path(model_or_path):
         path = str(model_or_path)
         sources.append(path)
-        if _has_file(path, ADAPTER_CONFIG_FILE):
+        if _has_file(path, ADAPTER_CONFIG_NAME):
             sources.append(PeftConfig.from_pretrained(path).base_model_name_or_path or "")
         elif saved_finetune_mode(path) == FTTS_MODE:
             sources.append(getattr(AutoConfig.from_pretrained(path), "saft_base_model", None) or "")

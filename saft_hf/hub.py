@@ -40,12 +40,14 @@ from .layout import CONFIG_NAME, OUTPUT_MANIFEST_NAME, is_task_vector_folder
 __all__ = [
     "HubListing",
     "PickleWeightsError",
+    "check_recorded_base",
     "check_repo_id",
     "check_revision",
     "check_same_architecture",
     "fetch_config",
     "is_local",
     "list_hub_files",
+    "names_another_model",
     "parse_model_ref",
     "public_ref",
     "push_folder",
@@ -263,23 +265,49 @@ def list_hub_files(ref: str, revision: str | None = None, token: str | bool | No
     return HubListing(repo_id, commit, frozenset(files))
 
 
-def fetch_config(ref: str, revision: str | None = None, token: str | bool | None = None) -> dict:
-    """The `config.json` of a local folder or Hub model, downloading nothing else."""
+def fetch_config(
+    ref: str, revision: str | None = None, token: str | bool | None = None, *, filename: str = CONFIG_NAME
+) -> dict:
+    """The `config.json` (or another JSON file, e.g. `adapter_config.json`) of a local folder or Hub model,
+    downloading nothing else."""
     repo_id, revision = parse_model_ref(ref, revision)
     if is_local(repo_id):
-        path = Path(repo_id).expanduser() / CONFIG_NAME
+        path = Path(repo_id).expanduser() / filename
         if not path.is_file():
-            raise FileNotFoundError(f"Local model folder '{repo_id}' has no {CONFIG_NAME}.")
+            raise FileNotFoundError(f"Local model folder '{repo_id}' has no {filename}.")
     else:
         try:
             with _hub_errors(repo_id, revision):
-                path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token))
+                path = Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
         except RemoteEntryNotFoundError as error:
-            raise FileNotFoundError(f"Hub repo {_describe(repo_id, revision)} has no {CONFIG_NAME}.") from error
+            raise FileNotFoundError(f"Hub repo {_describe(repo_id, revision)} has no {filename}.") from error
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{CONFIG_NAME} of {_describe(repo_id, revision)} is not valid JSON: {error}") from error
+        raise ValueError(f"{filename} of {_describe(repo_id, revision)} is not valid JSON: {error}") from error
+
+
+def names_another_model(recorded: str, wanted: str) -> bool:
+    """Whether the model reference `recorded` (the base a fine-tune records) provably names another model than
+    `wanted`: two existing local folders that are not the same folder, or two Hub ids that differ (revisions and
+    letter case aside). Anything else cannot be told from the references alone and is not a mismatch: a recorded
+    local path that no longer exists (the folder was moved), or a Hub id against a local folder (its download?)."""
+    recorded_path, wanted_path = Path(recorded).expanduser(), Path(wanted).expanduser()
+    if recorded_path.exists() and wanted_path.exists():
+        return recorded_path.resolve() != wanted_path.resolve()
+    if recorded_path.exists() or wanted_path.exists() or is_local(recorded) or is_local(wanted):
+        return False
+    return recorded.partition("@")[0].lower() != wanted.partition("@")[0].lower()
+
+
+def check_recorded_base(label: str, recorded: str | None, field: str, base_model: str) -> None:
+    """Refuse an input whose recorded base (`recorded`, read from `field`) provably is not `base_model`
+    (`names_another_model`): a LoRA adapter or FTTS fine-tune only means something on the base it was trained from."""
+    if recorded and names_another_model(recorded, base_model):
+        raise ValueError(
+            f"{label}: records base model {recorded!r} ({field}), not the base_model {base_model!r}; use the base "
+            "it was fine-tuned from, or pass allow_other_base=True (recipe: allow_other_base: true) to use it anyway"
+        )
 
 
 def _architecture_view(config: dict, model_type: str | None) -> dict | None:

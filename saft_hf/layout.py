@@ -11,6 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter folder's config
 # Written into every output folder saft_hf owns (saft_hf.io.atomic_output_dir); never pushed.
 OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
 # What the demo's pre-training writes beside the model it pre-trains (its settings and metrics).
@@ -34,12 +35,26 @@ def is_task_vector_folder(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and is_task_vector_listing({path.name for path in folder.iterdir() if path.is_file()})
 
 
+def is_adapter_listing(files: Collection[str]) -> bool:
+    """Whether a folder (or Hub repo) with these files holds a PEFT adapter: its config, and no model config."""
+    return CONFIG_NAME not in files and ADAPTER_CONFIG_NAME in files
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a PEFT adapter (and no model config)."""
+    folder = Path(folder)
+    return folder.is_dir() and is_adapter_listing({path.name for path in folder.iterdir() if path.is_file()})
+
+
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
     "CONFIG_NAME",
     "OUTPUT_MANIFEST_NAME",
     "PRETRAINING_RECORD_NAME",
     "TASK_VECTOR_WEIGHTS_NAME",
     "TASK_VECTOR_WEIGHT_FILES",
+    "is_adapter_folder",
+    "is_adapter_listing",
     "is_task_vector_folder",
     "is_task_vector_listing",
 ]

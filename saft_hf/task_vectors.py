@@ -51,7 +51,7 @@ from .io import (
     tensor_dtype,
     tensor_shape,
 )
-from .layout import TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME, is_task_vector_listing
+from .layout import ADAPTER_CONFIG_NAME, TASK_VECTOR_WEIGHT_FILES, TASK_VECTOR_WEIGHTS_NAME, is_task_vector_listing
 from .model_weights import ModelWeights, align_models, open_model_weights
 
 TASK_VECTOR_FORMAT = "saft_hf.task_vector"
@@ -224,6 +224,7 @@ class TaskVector(LazyStateDict):
         sam_rho: float | None = None,
         sam_eta: float | None = None,
         allow_pickle: bool = False,
+        allow_other_base: bool = False,
         token: str | bool | None = None,
     ) -> TaskVector:
         """The dense task vector of a PEFT LoRA adapter folder (or Hub reference) over ``base``.
@@ -232,9 +233,20 @@ class TaskVector(LazyStateDict):
         embeddings), with ``r`` and ``alpha`` from ``rank_pattern`` / ``alpha_pattern`` and ``scaling = alpha / r``
         or ``alpha / sqrt(r)`` with rsLoRA; trained biases and ``modules_to_save`` give ``saved - base``. This
         equals ``merge_and_unload() - base``. DoRA and other variants a weight delta cannot express are refused.
+
+        An adapter whose ``base_model_name_or_path`` provably names another model than ``base`` (a folder or Hub
+        id; see :func:`saft_hf.hub.names_another_model`) is refused before the base is opened, unless
+        ``allow_other_base``.
         """
+        folder, adapter_config = _read_adapter_config(str(adapter), adapter_revision, allow_pickle, token)
+        if not allow_other_base and isinstance(base, str | os.PathLike):
+            recorded = adapter_config.get("base_model_name_or_path")
+            field = f"{ADAPTER_CONFIG_NAME} base_model_name_or_path"
+            hub.check_recorded_base(f"adapter {adapter}", recorded, field, os.fspath(base))
         base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
-        tensors, source, folder = _lora_deltas(base_weights, str(adapter), adapter_revision, allow_pickle, token)
+        tensors, source = _lora_deltas(
+            base_weights, str(adapter), adapter_revision, folder, adapter_config, allow_pickle, token
+        )
         metadata = _metadata(
             base_weights,
             list(tensors),
@@ -611,18 +623,15 @@ _UNSUPPORTED_LORA_OPTIONS = (
 )
 
 
-def _lora_deltas(
-    base: ModelWeights, adapter: str, revision: str | None, allow_pickle: bool, token: str | bool | None
-) -> tuple[ComputedStateDict, str, Path]:
-    """Dense deltas of the adapter at ``adapter``, keyed by base tensor names, a label for the adapter and its
-    folder."""
-    from peft.utils.other import get_pattern_key
-    from transformers.pytorch_utils import Conv1D
-
+def _read_adapter_config(
+    adapter: str, revision: str | None, allow_pickle: bool, token: str | bool | None
+) -> tuple[Path, dict[str, Any]]:
+    """The folder of the adapter at ``adapter`` and its ``adapter_config.json``, refused unless it is a LoRA a weight
+    delta can express."""
     folder = hub.resolve_model(adapter, revision, allow_pickle=allow_pickle, token=token)
-    config_path = folder / "adapter_config.json"
+    config_path = folder / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json; not a PEFT adapter folder")
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_NAME}; not a PEFT adapter folder")
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(
@@ -634,6 +643,23 @@ def _lora_deltas(
                 f"{config_path}: {option}={config[option]!r} is not supported: a task vector is a fixed weight "
                 "difference, and only plain LoRA and rsLoRA merge into one (base + B @ A * scaling)"
             )
+    return folder, config
+
+
+def _lora_deltas(
+    base: ModelWeights,
+    adapter: str,
+    revision: str | None,
+    folder: Path,
+    config: Mapping[str, Any],
+    allow_pickle: bool,
+    token: str | bool | None,
+) -> tuple[ComputedStateDict, str]:
+    """Dense deltas of the adapter at ``adapter`` (in ``folder``, with ``config``), keyed by base tensor names, and
+    a label for the adapter."""
+    from peft.utils.other import get_pattern_key
+    from transformers.pytorch_utils import Conv1D
+
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file() and (folder / "adapter_model.bin").is_file():
         weights_file = folder / "adapter_model.bin"
@@ -701,7 +727,7 @@ def _lora_deltas(
         dtype=lambda name: tensor_dtype(base.tensors, name),
     )
     revision_label = hub.resolved_revision(adapter, revision, token=token)
-    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}", folder
+    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}"
 
 
 def _submodule(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:

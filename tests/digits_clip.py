@@ -35,3 +35,14 @@ def digits_trained_clip(root: Path, *, train_rows: int, steps: int):
     for part in (clip, processor, AutoTokenizer.from_pretrained(random_clip)):
         part.save_pretrained(base)
     return base, classifier, processor
+
+
+def planted_labels(rows, predictions):
+    """``rows`` relabelled so that ``predictions`` are right exactly on rows 0, 3, 6, ...: a score that moves with
+    any changed prediction."""
+    labels = [p if i % 3 == 0 else (p + 1) % 10 for i, p in enumerate(predictions)]
+    return rows.remove_columns("label").add_column("label", labels)
+
+
+def accuracy_of(predictions, rows):
+    return sum(p == label for p, label in zip(predictions, rows["label"])) / len(predictions)

@@ -11,6 +11,7 @@ import torch
 import yaml
 from datasets import Dataset
 from recipe_loader import RECIPES, import_recipe
+from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from saft_hf.evaluation import evaluate_model
@@ -288,18 +289,74 @@ def test_an_unfinished_finetune_is_not_taken_for_a_finished_one(tmp_path):
     assert is_finetuned(tmp_path)
 
 
-def test_unmergeable_finetune_mode_is_refused_before_training(tmp_path, monkeypatch):
-    from saft_hf.experiments.pipeline import finetune_family
+@pytest.mark.slow
+def test_a_lora_family_runs_through_the_pipeline_and_the_study(tmp_path):
+    """A LoRA family: adapters scored as adapters, task vectors the dense deltas B @ A * scaling, merges of them
+    plain models (checked tensor by tensor against the adapter files) scored as evaluate_model scores the
+    hand-built model, and the study's grid-neighbour scores likewise."""
+    from saft_hf.experiments.pipeline import run_experiment
+    from saft_hf.experiments.study import SMOOTHED, grid_neighbour_scores
 
-    monkeypatch.setattr(pipeline, "run_finetune", lambda argv: pytest.fail("trained"))
+    base = save_tiny_clip(tmp_path / "base", seed=0)
+    tasks = ["digits_0to4", "digits_5to9"]
+    lora_flags = ["--lora_r", "4", "--lora_alpha", "8", "--max_train_samples", "64"]
     config = ExperimentConfig(
-        base_model="m",
-        tasks=["digits_0to4", "digits_5to9"],
-        output_dir=str(tmp_path),
-        families=[Family("lin", sam_mode="none", finetune_mode="lora")],
+        base_model=str(base),
+        tasks=tasks,
+        output_dir=str(tmp_path / "out"),
+        families=[Family("lora", sam_mode="none", finetune_mode="lora", finetune_args=lora_flags)],
+        finetune_args=TINY_FINETUNE.replace("3e-3", "3e-2").split(),
+        merge_methods=["task_arithmetic"],
+        fixed_alpha=0.4,
+        search_grid={"task_arithmetic": {"alpha": [0.5, 1.0]}},
+        eval_max_samples=24,
     )
-    with pytest.raises(ValueError, match="families.lin.finetune_mode='lora'"):
-        finetune_family(config, config.families[0])
+    result = run_experiment(config, quiet=True)
+    out = tmp_path / "out"
+    base_state = load_file(base / "model.safetensors")
+    deltas = {task: TaskVector.from_lora(base, out / "finetuned" / "lora" / task) for task in tasks}
+    options = dict(max_samples=24, progress=False, base=str(base))
+
+    def hand_merged(alpha):
+        """base + alpha * sum over tasks of B @ A * lora_alpha / r, read from the adapter files by hand."""
+        merged = {name: tensor.double() for name, tensor in base_state.items()}
+        scaling = 8 / 4  # --lora_alpha / --lora_r
+        for task in tasks:
+            adapter = load_file(out / "finetuned" / "lora" / task / "adapter_model.safetensors")
+            for key, a in adapter.items():
+                if ".lora_A." in key:
+                    name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                    b = adapter[key.replace(".lora_A.", ".lora_B.")]
+                    merged[name] += alpha * (b.double() @ a.double()) * scaling
+        return {name: tensor.float() for name, tensor in merged.items()}
+
+    scores = {(s.method, s.setting, s.task): s for s in result.scores}
+    for task in tasks:  # the fine-tunes are scored as adapters on the base
+        direct = evaluate_model(out / "finetuned" / "lora" / task, task, "test", **options)
+        assert scores[(FINETUNED, "", task)].accuracy == direct["accuracy"]
+        saved = TaskVector.load(result.task_vectors["lora"][task])
+        assert saved.metadata["finetune_mode"] == "lora" and sorted(saved) == sorted(deltas[task])
+    for setting in ("searched", "alpha=0.4"):
+        folder = result.merged[("lora", "task_arithmetic", setting)]
+        alpha = yaml.safe_load((folder / "merge_config.yaml").read_text())["parameters"]["alpha"]
+        expected, actual = hand_merged(alpha), load_file(folder / "model.safetensors")
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6)
+        assert any(not torch.equal(actual[name], base_state[name]) for name in deltas[tasks[0]])
+        assert json.loads((folder / "config.json").read_text())["saft_finetune_mode"] == "lora"
+        for task in tasks:  # scored as the plain model it is
+            direct = evaluate_model(base, task, "test", state_dict=expected, **options)
+            assert scores[("task_arithmetic", setting, task)].accuracy == direct["accuracy"]
+    assert scores[("task_arithmetic", "alpha=0.4", tasks[0])].parameters == {"alpha": 0.4}
+
+    # The study's smoothing: the searched alpha's test score averaged with its grid neighbour's, merged by hand.
+    chosen = scores[("task_arithmetic", "searched", tasks[0])].parameters["alpha"]
+    neighbour = 1.0 if chosen == 0.5 else 0.5
+    smoothed = {s.task: s.accuracy for s in grid_neighbour_scores(config, result) if s.setting == SMOOTHED}
+    for task in tasks:
+        other = evaluate_model(base, task, "test", state_dict=hand_merged(neighbour), **options)["accuracy"]
+        assert smoothed[task] == pytest.approx((scores[("task_arithmetic", "searched", task)].accuracy + other) / 2)
 
 
 # ---- glue_t2t end to end ----------------------------------------------------------------------------------------

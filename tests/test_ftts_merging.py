@@ -1,18 +1,19 @@
 """Merges of FTTS fine-tunes keep their mode and head, and are scored with the linearised forward around the merge's
-base, f(w0) + J(w0) (w - w0), checked against a hand Jacobian-vector product; inputs of different modes are refused."""
+base, f(w0) + J(w0) (w - w0), checked against a hand Jacobian-vector product; inputs of different modes are refused
+unless the recipe allows them, and then merge into a plain model."""
 
 import copy
 import json
 
 import pytest
 import torch
-from digits_clip import digits_trained_clip
+from digits_clip import accuracy_of, digits_trained_clip, planted_labels
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from saft_hf.data import get_task, load_digits_splits
 from saft_hf.evaluation import evaluate_model
-from saft_hf.merging import merge, search_coefficients, task_accuracy_evaluator
+from saft_hf.merging import MergeConfig, merge, search_coefficients, task_accuracy_evaluator
 from saft_hf.models import HEAD_FILE, CLIPVisionClassifier
 from saft_hf.modes import apply_finetune_mode
 
@@ -71,16 +72,6 @@ def _hand_predictions(classifier, folders, pixel_values, alpha):
     return (value + tangent).argmax(-1).tolist(), plain.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).min()
 
 
-def _planted(rows, predictions):
-    """Labels the predictions get right exactly on rows 0, 3, 6, ...: a score that moves with any changed row."""
-    labels = [p if i % 3 == 0 else (p + 1) % 10 for i, p in enumerate(predictions)]
-    return rows.remove_columns("label").add_column("label", labels)
-
-
-def _accuracy(predictions, rows):
-    return sum(p == label for p, label in zip(predictions, rows["label"])) / len(predictions)
-
-
 def test_merged_ftts_folder_records_the_mode_keeps_the_head_and_scores_linearised(tmp_path, family):
     base, classifier, folders, rows, pixel_values = family
     merged = merge(_recipe(base, folders, tmp_path / "merged"), progress=False)
@@ -92,11 +83,11 @@ def test_merged_ftts_folder_records_the_mode_keeps_the_head_and_scores_linearise
 
     linearized, plain, gap = _hand_predictions(classifier, folders, pixel_values, alpha=0.5)
     assert gap > 1e-3 and len(set(linearized)) > 1
-    data = _planted(rows, linearized)
+    data = planted_labels(rows, linearized)
     result = evaluate_model(merged, DIGITS, data=data, batch_size=8, device="cpu", progress=False)
-    assert result == {"accuracy": _accuracy(linearized, data), "num_samples": NUM_ROWS}
+    assert result == {"accuracy": accuracy_of(linearized, data), "num_samples": NUM_ROWS}
     # The plain forward at the merged weights answers otherwise: the comparison has teeth.
-    assert _accuracy(plain, data) != result["accuracy"]
+    assert accuracy_of(plain, data) != result["accuracy"]
 
 
 @pytest.mark.parametrize("evaluate_on", ["state_dict", "folder"])
@@ -104,7 +95,7 @@ def test_a_search_over_ftts_inputs_scores_every_point_linearised(tmp_path, famil
     base, classifier, folders, rows, pixel_values = family
     hand = {alpha: _hand_predictions(classifier, folders, pixel_values, alpha) for alpha in ALPHAS}
     assert all(gap > 1e-3 for _, _, gap in hand.values())
-    data = _planted(rows, hand[ALPHAS[0]][0])
+    data = planted_labels(rows, hand[ALPHAS[0]][0])
     if evaluate_on == "state_dict":
         # The base folder as the model, as the search's docstring suggests: the merged weights carry their mode.
         evaluate_fn = task_accuracy_evaluator(
@@ -123,8 +114,8 @@ def test_a_search_over_ftts_inputs_scores_every_point_linearised(tmp_path, famil
         write_best=False,
         progress=False,
     )
-    assert result.table == [{"alpha": alpha, "score": _accuracy(hand[alpha][0], data)} for alpha in ALPHAS]
-    assert [_accuracy(hand[alpha][1], data) for alpha in ALPHAS] != [row["score"] for row in result.table]
+    assert result.table == [{"alpha": alpha, "score": accuracy_of(hand[alpha][0], data)} for alpha in ALPHAS]
+    assert [accuracy_of(hand[alpha][1], data) for alpha in ALPHAS] != [row["score"] for row in result.table]
 
 
 def test_inputs_of_different_modes_are_refused(tmp_path, family):
@@ -134,7 +125,7 @@ def test_inputs_of_different_modes_are_refused(tmp_path, family):
     with pytest.raises(
         ValueError,
         match=r"different fine-tuning modes.*models\[0\] \(.*ft0\): ftts; "
-        r"models\[1\] \(.*full\): full",
+        r"models\[1\] \(.*full\): full\); set allow_mixed_finetune_modes: true in the recipe",
     ):
         merge(_recipe(base, [folders[0], tmp_path / "full"], tmp_path / "mixed"), progress=False)
     # A fine-tune that records no mode (a public one) may be anything: FTTS merges refuse it too.
@@ -158,3 +149,28 @@ def test_inputs_with_different_heads_merge_without_one(tmp_path, family):
         merged = merge(_recipe(base, [folders[0], tmp_path / "parity"], tmp_path / "merged"), progress=False)
     assert not (merged / HEAD_FILE).exists()
     assert json.loads((merged / "config.json").read_text())["saft_finetune_mode"] == "ftts"
+
+
+def test_mixed_modes_merge_when_the_recipe_allows_it_into_a_plain_model(tmp_path, family):
+    """`allow_mixed_finetune_modes: true`: an FTTS and a full fine-tune merge into a folder that records no mode,
+    scored with the plain forward f(w) at w = w0 + alpha * (the FTTS delta + the full fine-tune's zero delta)."""
+    base, classifier, folders, rows, pixel_values = family
+    full = apply_finetune_mode(copy.deepcopy(classifier), "full")
+    full.save_pretrained(tmp_path / "full")
+    recipe = _recipe(base, [folders[0], tmp_path / "full"], tmp_path / "mixed") | {"allow_mixed_finetune_modes": True}
+    merged = merge(recipe, progress=False)
+    config = json.loads((merged / "config.json").read_text())
+    assert "saft_finetune_mode" not in config and "saft_base_model" not in config
+    assert (merged / HEAD_FILE).read_bytes() == (folders[0] / HEAD_FILE).read_bytes()  # the same head: kept
+
+    linearized, plain, gap = _hand_predictions(classifier, folders[:1], pixel_values, alpha=0.5)
+    data = planted_labels(rows, plain)
+    result = evaluate_model(merged, DIGITS, data=data, batch_size=8, device="cpu", progress=False)
+    assert result["accuracy"] == accuracy_of(plain, data) != accuracy_of(linearized, data)
+
+
+def test_allow_mixed_finetune_modes_must_be_a_boolean(family):
+    base, _, folders, _, _ = family
+    recipe = _recipe(base, folders, "out") | {"allow_mixed_finetune_modes": "yes"}
+    with pytest.raises(ValueError, match="^allow_mixed_finetune_modes: expected true or false, got 'yes'$"):
+        MergeConfig.from_dict(recipe)

@@ -223,15 +223,15 @@ def test_missing_revision_of_the_last_input_fails_before_any_weight_download(hub
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_repo_and_repo_without_model_or_vector_fail_before_any_weight_download(hub_family, tmp_path):
+def test_missing_repo_and_repo_without_model_vector_or_adapter_fail_before_any_weight_download(hub_family, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^models\[1\]: Model 'org/missing' is neither a local folder"):
         merge(recipe("org/base", ["org/ft0", "org/missing"], tmp_path / "out"), progress=False)
     upload("org/notes", {"notes.txt": b"no weights here"})
     with pytest.raises(
         FileNotFoundError,
         match=r"^models\[1\]: Hub repo 'org/notes@[0-9a-f]{40}' has no config\.json "
-        r"\(a model\) and no task_vector\.safetensors \(a task vector\); files: "
-        r"\['\.gitattributes', 'notes\.txt'\]",
+        r"\(a model\), no task_vector\.safetensors \(a task vector\) and no adapter_config\.json \(a PEFT "
+        r"adapter\); files: \['\.gitattributes', 'notes\.txt'\]",
     ):
         merge(recipe("org/base", ["org/ft0", "org/notes"], tmp_path / "out"), progress=False)
     assert weight_downloads(hub_family.state) == []

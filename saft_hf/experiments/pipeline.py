@@ -6,6 +6,11 @@ For every family (e.g. plain fine-tuning and SAFT) it fine-tunes every task from
 over the paper's grid (`search_coefficients`), and at the fixed alpha of App. C.6 — scores every model on every
 task's test split with `evaluate_model`, and writes the tables (`saft_hf.experiments.tables`).
 
+Every fine-tuning mode runs (`Family.finetune_mode`): a merge records its family's mode and is scored with the
+forward that mode needs (FTTS merges linearised around `base_model`). LoRA fine-tunes are PEFT adapters, scored as
+adapters on `base_model`; their task vectors are the dense deltas `B @ A * scaling` (`TaskVector.from_lora`), so
+their merges are plain models of the base's architecture, scored with the plain forward.
+
 Resumable by content, not by folder: every stage (fine-tune, task vector, merge) writes `<output>.stage.json` beside
 its output folder (outside it: the folder itself holds only what its stage wrote), recording the resolved settings
 that produced it (command line, the text of the config files, the identity of the weights it started from, the
@@ -50,6 +55,7 @@ from ..merging import get_method, merge, search_coefficients, task_accuracy_eval
 from ..merging.engine import RECIPE_NAME
 from ..merging.search import paper_grid
 from ..models import generate_texts, match_label_words
+from ..modes import LORA_MODE
 from ..task_vectors import TaskVector
 from .config import ExperimentConfig, Family
 from .tables import FINETUNED, PRETRAINED, Score, scores_to_records, summary_rows, write_table
@@ -59,7 +65,6 @@ logger = logging.getLogger(__name__)
 COMPLETED_RESULTS_FILE = "all_results.json"
 SEARCHED = "searched"
 NO_COEFFICIENT = "-"  # the setting of methods with nothing to search (weight averaging)
-MERGEABLE_MODES = ("full", "ftlo", "ftts")  # merged FTTS folders record the mode and score linearised
 STAGE_RECORD_SUFFIX = ".stage.json"
 StageFn = Callable[[str], None]  # told a description of each stage as it finishes (progress bars)
 
@@ -211,12 +216,6 @@ def finetune_family(
     """Each task's fine-tuned model (folder or Hub id): pulled when the family names existing fine-tunes, reused
     when the output folder holds one finished with the same settings, trained otherwise. `quiet` sends each
     fine-tune's console output (Trainer logs and metrics blocks) to `logs/<family>_<task>.log`."""
-    if family.finetune_mode not in MERGEABLE_MODES:
-        raise ValueError(
-            f"families.{family.name}.finetune_mode={family.finetune_mode!r}: the experiment pipeline merges and "
-            f"scores {MERGEABLE_MODES} fine-tunes (not LoRA yet); run a LoRA family with recipes/finetune.py, make "
-            "its task vectors with `saft-hf task-vector --lora` and merge them with recipes/merge.py."
-        )
     models = {}
     for task in config.tasks:
         existing = family.finetuned_model(task)
@@ -258,7 +257,8 @@ def model_key(model: str | Path) -> str:
 
 
 def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[str, str]) -> dict[str, Path]:
-    """`task_vectors/<family>/<task>`: fine-tuned minus base, with the family's fine-tuning settings as metadata."""
+    """`task_vectors/<family>/<task>`: fine-tuned minus base (a LoRA adapter's dense delta, `TaskVector.from_lora`),
+    with the family's fine-tuning settings as metadata."""
     folders = {}
     for task, model in models.items():
         folder = config.output_path / "task_vectors" / family.name / task
@@ -270,7 +270,8 @@ def save_task_vectors(config: ExperimentConfig, family: Family, models: Mapping[
         }
         if not (stage_is_current(folder, settings) and is_task_vector_folder(folder)):
             resolved = _resolved_finetune_config(Path(model))
-            vector = TaskVector.from_models(
+            from_finetune = TaskVector.from_lora if family.finetune_mode == LORA_MODE else TaskVector.from_models
+            vector = from_finetune(
                 config.base_model,
                 model,
                 task=task,

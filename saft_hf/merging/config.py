@@ -91,13 +91,25 @@ class MergeConfig:
     max_shard_size: int | str = field(default="2GB", metadata={"help": "Largest weight shard, e.g. `2GB`."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept pickle `.bin` weights (can run code)."})
     allow_other_base: bool = field(
-        default=False, metadata={"help": "Accept task vectors of another base, or that record no base fingerprint."}
+        default=False,
+        metadata={
+            "help": "Accept inputs made from another base than base_model: task vectors of another base (or that "
+            "record no base fingerprint), FTTS fine-tunes and LoRA adapters whose recorded base model is another."
+        },
     )
     allow_nonfinite: bool = field(
         default=False,
         metadata={
             "help": "Merge inputs holding NaN or infinite values and write non-finite merged values (by "
             "default both are refused, naming the tensor)."
+        },
+    )
+    allow_mixed_finetune_modes: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge inputs that record different fine-tuning modes (e.g. an FTTS fine-tune and a full one; "
+            "refused by default, no one forward scores them). The merged folder then records no mode: it is a plain "
+            "model, scored with the plain forward f(w)."
         },
     )
     output_dir: str | None = field(default=None, metadata={"help": "Folder the merged model is written to."})
@@ -134,7 +146,7 @@ class MergeConfig:
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype: must be one of {list(OUTPUT_DTYPES)} or null, got {self.dtype!r}")
         parse_size(self.max_shard_size)
-        for flag in ("allow_pickle", "allow_other_base", "allow_nonfinite"):
+        for flag in ("allow_pickle", "allow_other_base", "allow_nonfinite", "allow_mixed_finetune_modes"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected true or false, got {getattr(self, flag)!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str | Path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fnmatch
-import functools
 import hashlib
 import json
 import shutil
@@ -49,15 +48,24 @@ from ..io import (
     tensor_dtype,
     tensor_shape,
 )
-from ..layout import CONFIG_NAME, is_task_vector_folder, is_task_vector_listing
+from ..layout import (
+    ADAPTER_CONFIG_NAME,
+    CONFIG_NAME,
+    is_adapter_folder,
+    is_adapter_listing,
+    is_task_vector_folder,
+    is_task_vector_listing,
+)
 from ..model_weights import ModelWeights, align_models, open_model_weights
 from ..models.clip import HEAD_FILE
 from ..task_vectors import TaskVector
 from .config import MergeConfig
-from .finetuning import MODE_FIELD, common_finetune_mode, copy_shared_head, record_finetune_mode
+from .finetuning import BASE_FIELD, MODE_FIELD, common_finetune_mode, copy_shared_head, record_finetune_mode
 from .methods import get_method
 
 RECIPE_NAME = "merge_config.yaml"
+# What an input is: a model folder, a saved task vector, or a PEFT LoRA adapter (merged as its dense delta).
+MODEL, TASK_VECTOR, ADAPTER = "model", "task vector", "adapter"
 SEARCH_TABLE_NAME = "search_table"
 # Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
 _NONFINITE_INPUT_ADVICE = "fix the input, or set allow_nonfinite: true in the recipe to merge such values as they are"
@@ -84,7 +92,8 @@ class _Input:
     label: str
     weights: ModelWeights
     alignment: KeyAlignment
-    task_vector: TaskVector | None = None  # set when the input is a saved task vector (a delta, not weights)
+    task_vector: TaskVector | None = None  # set when the input is a delta, not weights (a task vector, an adapter)
+    kind: str = MODEL
 
     @property
     def finetune_mode(self) -> str | None:
@@ -95,8 +104,9 @@ class _Input:
 
     @property
     def head_file(self) -> Path | None:
-        """The zero-shot head the input's folder carries, if any (a task vector carries none)."""
-        path = None if self.task_vector is not None else self.weights.folder / HEAD_FILE
+        """The zero-shot head the input's folder carries, if any (a model's or an adapter's; a task vector carries
+        none)."""
+        path = None if self.kind == TASK_VECTOR else self.weights.folder / HEAD_FILE
         return path if path is not None and path.is_file() else None
 
 
@@ -156,23 +166,33 @@ class MergePlan:
 
     Construction does all checks that need no tensor data, the whole recipe before the first weight download:
     every Hub reference must exist at its revision (each is pinned to the commit it resolves to, one API call, no
-    download), a Hub input without config.json must hold a task vector, and the configs must agree. Then the
-    weights are opened and names, shapes, task vector fingerprints and coverage checked. Errors name the input
-    and tensor.
+    download), a Hub input without config.json must hold a task vector or a PEFT adapter, the configs must agree,
+    and an FTTS fine-tune (``config.saft_base_model``) or LoRA adapter (``base_model_name_or_path``) must not
+    record another base than ``base_model`` (see :func:`saft_hf.hub.names_another_model`; ``allow_other_base``
+    accepts it). Then the weights are opened (an adapter as its dense delta, :meth:`TaskVector.from_lora`) and
+    names, shapes, task vector fingerprints, coverage and the inputs' fine-tuning modes checked. Errors name the
+    input and tensor.
     """
 
     def __init__(self, config: MergeConfig, *, token: str | bool | None = None):
         self.config = config
         self.method = get_method(config.method)
         self.token = token
-        base_model, base_revision, base_is_vector = self._locate("base_model", config.base_model, None)
-        if base_is_vector:
-            raise ValueError(f"base_model: {config.base_model} is a task vector, not a model")
+        base_model, base_revision, base_kind = self._locate("base_model", config.base_model, None)
+        if base_kind != MODEL:
+            raise ValueError(f"base_model: {config.base_model} is a {base_kind}, not a model")
         located = [self._locate(f"models[{i}]", spec.model, spec.revision) for i, spec in enumerate(config.models)]
-        models = [(ref, revision) for ref, revision, is_vector in located if not is_vector]
+        models = [(ref, revision) for ref, revision, kind in located if kind == MODEL]
         hub.check_same_architecture(base_model, [ref for ref, _ in models], [revision for _, revision in models], token)
+        if not config.allow_other_base:
+            for index, (spec, where) in enumerate(zip(config.models, located)):
+                self._check_recorded_base(f"models[{index}] ({spec.model})", *where)
         self.base = open_model_weights(base_model, base_revision, allow_pickle=config.allow_pickle, token=token)
         self.inputs = [self._open_input(i, spec, *where) for i, (spec, where) in enumerate(zip(config.models, located))]
+        # The forward the merge is scored with; inputs no one forward fits fail before anything is written.
+        self.finetune_mode = common_finetune_mode(
+            {item.label: item.finetune_mode for item in self.inputs}, allow_mixed=config.allow_mixed_finetune_modes
+        )
         self.merged_names = self._common_coverage()
         self.base_ties = self.inputs[0].alignment.base_ties
         self.weights = [spec.weight for spec in config.models]
@@ -180,37 +200,58 @@ class MergePlan:
         # per tensor, or a coefficient search merging at every grid point, checks each input tensor once.
         self._finite: set[tuple[int, str]] = set()
 
-    @functools.cached_property
-    def finetune_mode(self) -> str | None:
-        """The inputs' common fine-tuning mode (the forward their merge is scored with); raises when none fits."""
-        return common_finetune_mode({item.label: item.finetune_mode for item in self.inputs})
-
-    def _locate(self, field: str, ref: str, revision: str | None) -> tuple[str, str | None, bool]:
-        """``(ref, revision, is_task_vector)`` to open an input with, asking the Hub one listing and downloading
-        nothing: a Hub reference is pinned to the commit its revision resolves to now (every later download reads
-        that commit), and it is a task vector when it has task vector weights and no config.json (a repo with
-        neither is refused); a local folder is taken as it is."""
+    def _locate(self, field: str, ref: str, revision: str | None) -> tuple[str, str | None, str]:
+        """``(ref, revision, kind)`` to open an input with (kind: ``MODEL``, ``TASK_VECTOR`` or ``ADAPTER``), asking
+        the Hub one listing and downloading nothing: a Hub reference is pinned to the commit its revision resolves
+        to now (every later download reads that commit); without config.json it must hold task vector weights or
+        an adapter_config.json (a repo with neither is refused); a local folder is taken as it is."""
         try:
             listing = hub.list_hub_files(ref, revision, token=self.token)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{field}: {error}") from error
         if listing is None:
-            return ref, revision, is_task_vector_folder(Path(ref).expanduser())
-        if CONFIG_NAME not in listing.files and not is_task_vector_listing(listing.files):
+            folder = Path(ref).expanduser()
+            kind = TASK_VECTOR if is_task_vector_folder(folder) else ADAPTER if is_adapter_folder(folder) else MODEL
+            return ref, revision, kind
+        if is_task_vector_listing(listing.files):
+            return listing.repo_id, listing.commit, TASK_VECTOR
+        if is_adapter_listing(listing.files):
+            return listing.repo_id, listing.commit, ADAPTER
+        if CONFIG_NAME not in listing.files:
             raise FileNotFoundError(
-                f"{field}: Hub repo '{listing.repo_id}@{listing.commit}' has no {CONFIG_NAME} (a model) and no "
-                f"task_vector.safetensors (a task vector); files: {sorted(listing.files)}"
+                f"{field}: Hub repo '{listing.repo_id}@{listing.commit}' has no {CONFIG_NAME} (a model), no "
+                f"task_vector.safetensors (a task vector) and no {ADAPTER_CONFIG_NAME} (a PEFT adapter); files: "
+                f"{sorted(listing.files)}"
             )
-        return listing.repo_id, listing.commit, is_task_vector_listing(listing.files)
+        return listing.repo_id, listing.commit, MODEL
 
-    def _open_input(self, index: int, spec, ref: str, revision: str | None, is_vector: bool) -> _Input:
+    def _check_recorded_base(self, label: str, ref: str, revision: str | None, kind: str) -> None:
+        """Refuse an FTTS fine-tune or LoRA adapter that records another base than the recipe's (from its config
+        file alone). A task vector's base is checked by fingerprint when it is opened."""
+        if kind == TASK_VECTOR:
+            return
+        filename, field = (
+            (ADAPTER_CONFIG_NAME, "base_model_name_or_path") if kind == ADAPTER else (CONFIG_NAME, BASE_FIELD)
+        )
+        recorded = hub.fetch_config(ref, revision, self.token, filename=filename).get(field)
+        hub.check_recorded_base(label, recorded, f"{filename} {field}", self.config.base_model)
+
+    def _open_input(self, index: int, spec, ref: str, revision: str | None, kind: str) -> _Input:
         label = f"models[{index}] ({spec.model})"
-        if not is_vector:
+        if kind == MODEL:
             weights = open_model_weights(ref, revision, allow_pickle=self.config.allow_pickle, token=self.token)
             return _Input(label, weights, align_models(self.base, weights, other_label=label))
-        folder = hub.resolve_model(ref, revision, token=self.token)
+        folder = hub.resolve_model(ref, revision, allow_pickle=self.config.allow_pickle, token=self.token)
+        weights_revision = hub.resolved_revision(ref, revision, self.token)
+        if kind == ADAPTER:
+            # Its dense delta over this very base (the recorded base was checked above).
+            vector = TaskVector.from_lora(
+                self.base.folder, folder, allow_pickle=self.config.allow_pickle, allow_other_base=True
+            )
+            weights = ModelWeights(vector, spec.model, weights_revision, folder)
+            return _Input(label, weights, vector.alignment_with(self.base, label=f"base for {label}"), vector, kind)
         vector = TaskVector.load(folder)
-        weights = ModelWeights(vector, spec.model, hub.resolved_revision(ref, revision, self.token), folder)
+        weights = ModelWeights(vector, spec.model, weights_revision, folder)
         alignment = vector.alignment_with(self.base, label=f"base for {label}")
         vector.check_base(
             self.base.tensors,
@@ -218,7 +259,7 @@ class MergePlan:
             alignment=alignment,
             allow_other_base=self.config.allow_other_base,
         )
-        return _Input(label, weights, alignment, vector)
+        return _Input(label, weights, alignment, vector, kind)
 
     def _common_coverage(self) -> set[str]:
         """Base tensors every input provides; inputs must agree on which those are."""
@@ -447,7 +488,6 @@ def write_model_folder(
     """Stream the merged weights into ``folder`` (sharded, with index), copy the base's support files, and record
     the inputs' fine-tuning mode with their shared zero-shot head (:mod:`saft_hf.merging.finetuning`)."""
     config = plan.config
-    mode = plan.finetune_mode  # inputs no one forward scores fail before any tensor is merged
     specs = [
         TensorSpec(name, tensor_shape(plan.base.tensors, name), plan.output_dtype(name)) for name in plan.base.tensors
     ]
@@ -459,7 +499,7 @@ def write_model_folder(
             writer.add(name, tensor)
         writer.close()
     _copy_support_files(plan.base.folder, folder, config.dtype)
-    record_finetune_mode(folder, mode, config.base_model)
+    record_finetune_mode(folder, plan.finetune_mode, config.base_model)
     copy_shared_head(folder, {item.label: item.head_file for item in plan.inputs})
 
 

@@ -5,8 +5,10 @@ linearised model around the merge's base, ``f(w0) + J(w0) (w - w0)``, not ``f(w)
 the inputs' mode in ``config.json`` (``saft_finetune_mode``; for FTTS also ``saft_base_model``, the recipe's
 ``base_model``), which :func:`saft_hf.evaluation.evaluate_model` and :func:`saft_hf.modes.load_linearized` read.
 Inputs of different recorded modes are refused: no single forward scores their merge. An input that records no mode
-(a public fine-tune) merges with plain-forward modes, never with FTTS. LoRA inputs (task vectors of adapters) are
-dense deltas: their merge is a plain model, scored with the plain forward; it records ``lora`` as provenance.
+(a public fine-tune) merges with plain-forward modes, never with FTTS. The recipe's ``allow_mixed_finetune_modes:
+true`` merges them anyway: the merged folder then records no mode (nor an FTTS base) and is scored with the plain
+forward ``f(w)``. LoRA inputs (adapter folders, or task vectors of adapters) are dense deltas: their merge is a
+plain model of the base's architecture, scored with the plain forward; it records ``lora`` as provenance.
 
 CLIP classifier inputs carry their zero-shot head in ``zero_shot_head.safetensors``; the merge copies it when every
 input carries the same one (same tensors, class names and templates), since scoring needs it and the base may have
@@ -32,16 +34,21 @@ MODE_FIELD = "saft_finetune_mode"
 BASE_FIELD = "saft_base_model"
 
 
-def common_finetune_mode(modes: Mapping[str, str | None]) -> str | None:
+def common_finetune_mode(modes: Mapping[str, str | None], *, allow_mixed: bool = False) -> str | None:
     """The one fine-tuning mode of the inputs, given what each records (``{label: mode or None}``: a model's
-    ``config.saft_finetune_mode``, a task vector's ``finetune_mode`` metadata), None when none records one; raises
-    naming the inputs when no one forward fits them all."""
+    ``config.saft_finetune_mode``, a task vector's ``finetune_mode`` metadata, ``lora`` for an adapter), None when
+    none records one. Inputs no one forward fits raise naming each input and its mode, unless ``allow_mixed``
+    (the recipe's ``allow_mixed_finetune_modes``): their merge then records no mode, a plain model scored with the
+    plain forward."""
     recorded = set(modes.values()) - {None}
     if len(recorded) > 1 or (FTTS_MODE in recorded and None in modes.values()):
+        if allow_mixed:
+            return None
         listing = "; ".join(f"{label}: {mode or 'none recorded'}" for label, mode in modes.items())
         raise ValueError(
-            f"models: inputs of different fine-tuning modes score with different forwards and cannot be "
-            f"merged into one model ({listing})"
+            f"models: inputs of different fine-tuning modes score with different forwards and cannot be merged into "
+            f"one model ({listing}); set allow_mixed_finetune_modes: true in the recipe to merge them into a plain "
+            "model (recording no mode, scored with the plain forward)"
         )
     return recorded.pop() if recorded else None
 

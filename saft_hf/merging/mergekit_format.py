@@ -33,7 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-OUR_FIELDS = ("output_dir", "max_shard_size", "allow_pickle", "allow_other_base", "allow_nonfinite", "push_to_hub")
+OUR_FIELDS = (
+    "output_dir",
+    "max_shard_size",
+    "allow_pickle",
+    "allow_other_base",
+    "allow_nonfinite",
+    "allow_mixed_finetune_modes",
+    "push_to_hub",
+)
 _MERGEKIT_FIELDS = (
     "merge_method",
     "base_model",

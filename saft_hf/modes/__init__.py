@@ -29,7 +29,7 @@ from .ftts import (
     load_pretrained_model,
     saved_finetune_mode,
 )
-from .lora import apply_lora, default_lora_target_modules
+from .lora import LORA_MODE, apply_lora, default_lora_target_modules
 
 FinetuneMode = Literal["full", "ftlo", "ftts", "lora"]
 
@@ -43,7 +43,7 @@ _MODES: dict[str, Callable[..., nn.Module]] = {
     "full": apply_full,
     "ftlo": apply_ftlo,
     "ftts": linearize,
-    "lora": apply_lora,
+    LORA_MODE: apply_lora,
 }
 FINETUNE_MODES: tuple[str, ...] = tuple(_MODES)
 
@@ -72,6 +72,7 @@ def apply_finetune_mode(model: nn.Module, mode: FinetuneMode, **options) -> nn.M
 
 __all__ = [
     "FINETUNE_MODES",
+    "LORA_MODE",
     "FTTS_MODE",
     "FinetuneMode",
     "LinearizedModel",

@@ -15,6 +15,7 @@ from torch import nn
 
 from .ftlo import attention_projection_names
 
+LORA_MODE = "lora"
 # Query and value projections, the targets of the public `_lora-16` fine-tunes: CLIP's names, then T5's.
 DEFAULT_TARGET_PAIRS = (("q_proj", "v_proj"), ("q", "v"))
 
