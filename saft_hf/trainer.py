@@ -199,6 +199,7 @@ class SAFTTrainer(Trainer):
             eta=self.args.sam_eta,
             adaptive=[self.args.sam_adaptive_scope == "all" or "weight" in name for name, _ in perturbed],
             sharded=sharded,
+            compiled=self.args.sam_compile_perturbation,
         )
 
     def _record(self, stats: PerturbationStats, loss_at_w: torch.Tensor, loss_at_w_plus_e: torch.Tensor) -> None:
