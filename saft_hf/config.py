@@ -81,8 +81,8 @@ class SAFTConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "On CPU, compute the perturbation with two loops per tensor compiled by `torch.compile` (inductor, "
-            "needs a C++ compiler) instead of eager multi-tensor ops: same numbers, ~1.6x less bookkeeping time per "
-            "perturbed step (measured on ViT-B/32), after a one-off compile of ~15 s and ~70 MB more process memory "
+            "needs a C++ compiler) instead of eager multi-tensor ops: same numbers, 1.3-1.6x less bookkeeping time per "
+            "perturbed step (ViT-B/32, T5-base), after a one-off compile of 3-17 s and 40-170 MB more process memory "
             "(the compiler). Falls back to eager ops with a warning if compiling fails. Ignored on other devices."
         },
     )

@@ -267,7 +267,7 @@ def perturb_weights_(
     are handled through their local shards; pass `sharded=True` for the global norm.
 
     `compiled=True` runs each sweep over CPU tensors as one loop per tensor compiled by `torch.compile` (inductor
-    generates C++; compiled at the first call in the process, ~15 s, then cached), the memory-traffic floor of the
+    generates C++; compiled at the first call in the process, 3-17 s, then cached), the memory-traffic floor of the
     computation: the first reads `w` and `g`, the second reads them again (recomputing `T`) and writes `saved` and
     `w + e`; the gradients are left untouched. Same numbers up to the summation order of the norms. If compiling
     fails, a warning is logged and eager ops are used from then on.
