@@ -1,7 +1,7 @@
 """Step time split into phases, and peak memory, of plain fine-tuning vs SAFT vs SAFT every 4th step, side by side.
 
     python benchmarks/saft_overhead.py [--models clip-vit-b32 flan-t5-base] [--batch-sizes 2 16] [--cycles 2]
-                                       [--threads 1] [--device cpu]
+                                       [--threads 1] [--device cpu] [--perturbation compiled]
 
 Models, randomly initialised from their configs (no download):
 
@@ -26,6 +26,10 @@ CPU: peak anonymous memory (`RssAnon` sampled every 2 ms: what the process alloc
 `MALLOC_MMAP_THRESHOLD_=65536` in the environment to make glibc return every freed tensor to the system, so that
 `RssAnon` tracks live allocations only. On CUDA (`--device cuda`, as `gpu_check.py` runs it): the clock reads follow
 a device synchronisation and memory is `torch.cuda.max_memory_allocated`.
+
+`--perturbation compiled` (the default) runs SAFT with `sam_compile_perturbation=True`: on CPU the perturbation's two
+sweeps are loops compiled by `torch.compile`, compiled during the first perturbed step (a warm-up step; its
+bookkeeping time, compiling included, is printed below the table); `eager` measures the default multi-tensor ops.
 
 Targets: SAFT/plain time <= 2.0 at batch >= 8, bookkeeping <= 10% of a plain step at batch 2, interval-4/plain time
 <= 1.3 at every batch, SAFT/plain peak memory <= 1.10 at batch 16.
@@ -116,7 +120,9 @@ TARGETS = (
 )
 
 
-def measure(model_name: str, configuration: str, batch_size: int, cycles: int, threads: int, device: str) -> dict:
+def measure(
+    model_name: str, configuration: str, batch_size: int, cycles: int, threads: int, device: str, compiled: bool
+) -> dict:
     """One (model, batch size, configuration) run: per-step wall times split into phases, and the memory peak."""
     import torch
     from transformers import Trainer, TrainerCallback
@@ -185,6 +191,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
         report_to=[],
         use_cpu=not cuda,
         disable_tqdm=True,
+        sam_compile_perturbation=compiled,
         **CONFIGURATIONS[configuration],
     )
     timer = StepTimer()
@@ -214,6 +221,7 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
             fastest[kind] = {"step": min(s for s, _ in of_kind)}
             fastest[kind].update({phase: min(split[phase] for _, split in of_kind) for phase in PHASES})
     share = sum(perturbed for _, perturbed, _ in timed) / len(timed)
+    first_perturbed = [split["bookkeeping"] for split, perturbed in zip(phases, timer.perturbed) if perturbed]
     return {
         "model": model_name,
         "configuration": configuration,
@@ -221,15 +229,24 @@ def measure(model_name: str, configuration: str, batch_size: int, cycles: int, t
         "trainable_parameters": parameters,
         "step_seconds": sum(fastest[kind]["step"] * (share if kind else 1 - share) for kind in fastest),
         "phases": {phase: fastest[max(fastest)][phase] for phase in PHASES},  # of a perturbed step if any
+        "first_bookkeeping": first_perturbed[0] if first_perturbed else 0.0,
         "steps": timer.seconds,
         "perturbed": timer.perturbed,
         "peak_mb": peak_mb,
     }
 
 
-def run_worker(model_name: str, configuration: str, batch_size: int, cycles: int, threads: int, device: str) -> dict:
+def run_worker(
+    model_name: str,
+    configuration: str,
+    batch_size: int,
+    cycles: int,
+    threads: int,
+    device: str,
+    perturbation: str = "eager",
+) -> dict:
     command = [sys.executable, __file__, "--worker", model_name, configuration, "--batch-sizes", str(batch_size)]
-    command += ["--cycles", str(cycles), "--threads", str(threads), "--device", device]
+    command += ["--cycles", str(cycles), "--threads", str(threads), "--device", device, "--perturbation", perturbation]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-5000:]}")
@@ -279,7 +296,8 @@ def report(rows: dict[tuple[str, int, str], dict], memory: str = "peak anon MB")
         copy_mb = plain["trainable_parameters"] * 4 / 1024**2
         print(
             f"{'':<22}SAFT - plain peak memory: {extra_mb:+.0f} MB; one float32 copy of the "
-            f"{plain['trainable_parameters'] / 1e6:.1f}M trainable parameters: {copy_mb:.0f} MB"
+            f"{plain['trainable_parameters'] / 1e6:.1f}M trainable parameters: {copy_mb:.0f} MB; first perturbed "
+            f"step's bookkeeping (compiling included if compiled): {group['saft']['first_bookkeeping']:.1f} s"
         )
     print("\ntargets:")
     for description, _, met in results:
@@ -294,19 +312,27 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=2, help="Timed cycles of 4 optimizer steps after warm-up.")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--perturbation",
+        choices=("compiled", "eager"),
+        default="compiled",
+        help="SAFT's perturbation on CPU: sam_compile_perturbation=True (compiled sweeps) or the eager default.",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CONFIGURATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(*args.worker, args.batch_sizes[0], args.cycles, args.threads, args.device)))
+        compiled = args.perturbation == "compiled"
+        print(json.dumps(measure(*args.worker, args.batch_sizes[0], args.cycles, args.threads, args.device, compiled)))
         return
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs", flush=True)
+    print(f"perturbation: {args.perturbation}", flush=True)
     rows = {}
     for model in args.models:
         for batch in args.batch_sizes:
             for configuration in CONFIGURATIONS:
                 print(f"running {model} / batch {batch} / {configuration} ...", flush=True)
                 rows[model, batch, configuration] = run_worker(
-                    model, configuration, batch, args.cycles, args.threads, args.device
+                    model, configuration, batch, args.cycles, args.threads, args.device, args.perturbation
                 )
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(

@@ -77,6 +77,15 @@ class SAFTConfig(TrainingArguments):
             "FSDP always uses the global gradient, since its gradients only exist reduce-scattered."
         },
     )
+    sam_compile_perturbation: bool = field(
+        default=False,
+        metadata={
+            "help": "On CPU, compute the perturbation with two loops per tensor compiled by `torch.compile` (inductor, "
+            "needs a C++ compiler) instead of eager multi-tensor ops: same numbers, 1.3-1.6x less bookkeeping time per "
+            "perturbed step (ViT-B/32, T5-base), after a one-off compile of 3-17 s and 40-170 MB more process memory "
+            "(the compiler). Falls back to eager ops with a warning if compiling fails. Ignored on other devices."
+        },
+    )
 
     def __post_init__(self):
         if self.sam_mode not in SAM_MODES:

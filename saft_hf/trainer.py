@@ -88,7 +88,8 @@ class SAFTTrainer(Trainer):
     Extra memory over plain fine-tuning: one parameter-sized buffer for the saved `w`, allocated at the first
     perturbed step and kept (reallocating it every step costs page faults on CPU). The perturbation is computed in
     the ascent gradient's storage (and the saved-`w` buffer, before `w` is saved there), which is freed once the
-    weights are perturbed.
+    weights are perturbed. With `args.sam_compile_perturbation` (CPU) it is computed by compiled loops that only read
+    the gradient; compiling costs seconds once per process and the compiler's own memory (tens of MB).
 
     Refused at construction: DeepSpeed (its `backward` steps the engine and ZeRO frees `.grad`), and FSDP with
     gradient accumulation unless gradients sync on every micro-batch (FSDP's `no_sync` keeps the accumulated
@@ -199,6 +200,7 @@ class SAFTTrainer(Trainer):
             eta=self.args.sam_eta,
             adaptive=[self.args.sam_adaptive_scope == "all" or "weight" in name for name, _ in perturbed],
             sharded=sharded,
+            compiled=self.args.sam_compile_perturbation,
         )
 
     def _record(self, stats: PerturbationStats, loss_at_w: torch.Tensor, loss_at_w_plus_e: torch.Tensor) -> None:

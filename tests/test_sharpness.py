@@ -37,17 +37,47 @@ def assert_perturbed(after, before, expected, tolerance=1e-6):
         torch.testing.assert_close(weight.double(), original.double() + e, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("chunk", [None, 5], ids=["whole tensors", "batches of 5"])
+def failing_compile(function, **options):
+    def compiled(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    return compiled
+
+
+@pytest.fixture
+def fresh_compiled_sweeps(monkeypatch):
+    """The fused sweeps as if never called in this process: whether compiling works is decided anew, and a failure
+    does not outlive the test."""
+    monkeypatch.setattr(saft_hf.sharpness, "_COMPILED", saft_hf.sharpness._CompiledOnFirstUse())
+
+
+# How `perturb_weights_` computes: multi-tensor ops on whole tensors or in batches of 5 elements, or the fused
+# per-tensor sweeps, compiled (slow: inductor compiles C++) or run eagerly after compiling failed.
+PATHS = {
+    "whole tensors": dict(chunk=None, compiled=False),
+    "batches of 5": dict(chunk=5, compiled=False),
+    "fused, eager after a failed compile": dict(chunk=None, compiled="fails"),
+    "fused, compiled": pytest.param(dict(chunk=None, compiled=True), marks=pytest.mark.slow),
+}
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_perturbation_matches_the_textbook_formula_and_restores_exactly(case, chunk, monkeypatch):
-    if chunk is not None:
-        monkeypatch.setattr(saft_hf.sharpness, "CHUNK_ELEMENTS", chunk)
+def test_perturbation_matches_the_textbook_formula_and_restores_exactly(
+    case, path, monkeypatch, caplog, fresh_compiled_sweeps
+):
+    if path["chunk"] is not None:
+        monkeypatch.setattr(saft_hf.sharpness, "CHUNK_ELEMENTS", path["chunk"])
+    if path["compiled"] == "fails":
+        monkeypatch.setattr(torch, "compile", failing_compile)
     weights, grads = tensors(0), tensors(1)
     # A transposed (non-contiguous) pair is processed whole.
     weights[0], grads[0] = weights[0].t().contiguous().t(), grads[0].t().contiguous().t()
     assert not grads[0].is_contiguous()
     expected, expected_norm = textbook_perturbation(weights, grads, **case)
-    stats, saved = perturb(weights, grads, **case)
+    saved = flat_buffers_like(weights)
+    with caplog.at_level("WARNING", logger="saft_hf.sharpness"):
+        stats = perturb_weights_(weights, grads, saved, compiled=bool(path["compiled"]), **case)
     assert stats.finite
     assert_perturbed(weights, tensors(0), expected)
     assert max((w - w0).abs().max().item() for w, w0 in zip(weights, tensors(0))) > 1e-3
@@ -55,8 +85,47 @@ def test_perturbation_matches_the_textbook_formula_and_restores_exactly(case, ch
     assert stats.perturbation_norm.item() == pytest.approx(
         math.sqrt(sum(float((e**2).sum()) for e in expected)), rel=1e-6
     )
+    if path["compiled"]:
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, tensors(1))), "the fused sweeps only read gradients"
+    warnings = [record.getMessage() for record in caplog.records]
+    if path["compiled"] == "fails":
+        assert warnings == [
+            "torch.compile of the (A)SAM perturbation failed (RuntimeError: InvalidCxxCompiler: No working C++ "
+            "compiler found); using eager ops instead."
+        ]
+    else:
+        assert warnings == []
     restore_weights_(weights, saved)
     assert all(torch.equal(w, w0) for w, w0 in zip(weights, tensors(0)))
+
+
+def test_after_a_failed_compile_the_multi_tensor_ops_are_used(monkeypatch, fresh_compiled_sweeps):
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    perturb(tensors(0), tensors(1), mode="asam", rho=0.5, compiled=True)
+    grads = tensors(1)
+    perturb(tensors(0), grads, mode="asam", rho=0.5, compiled=True)
+    # The multi-tensor path leaves T^2 g in the gradients as scratch; the fused sweeps would not write them.
+    assert not torch.equal(grads[0], tensors(1)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["asam", "sam"])
+def test_compiled_sweeps_give_the_multi_tensor_numbers_in_every_dtype(mode, fresh_compiled_sweeps):
+    # Half precision is computed in float32 and rounded once, float64 stays float64, a gradient norm of ~1e-6
+    # (`rho / ||g||` beyond the fp16 range) stays finite; the two paths differ only in the summation order of norms.
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+    for scale in (1.0, 1e-7):
+        results = []
+        for compiled in (False, True):
+            weights = [w.to(dtype) for w, dtype in zip(tensors(0), dtypes)]
+            grads = [g.to(dtype) for g, dtype in zip(tensors(1, scale=scale), dtypes)]
+            stats, _ = perturb(weights, grads, mode=mode, rho=0.5, compiled=compiled)
+            results.append((weights, stats.grad_norm.item(), stats.perturbation_norm.item()))
+        (eager, *eager_norms), (fused, *fused_norms) = results
+        assert fused_norms == pytest.approx(eager_norms, rel=1e-6)
+        for a, b in zip(fused, eager):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-6 if a.dtype in (torch.float32, torch.float64) else 1e-2, atol=0)
 
 
 def test_sam_perturbation_has_norm_rho_and_asam_does_not():
