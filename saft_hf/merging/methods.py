@@ -88,8 +88,9 @@ class MergeMethod:
     # takes ``dtype=torch.float32``, which the engine passes when every input and the output are float32 or narrower:
     # the result then stays within one float32 rounding of the float64 result (see ``task_arithmetic``)
     float32: bool = False
-    # every merged entry is NaN or infinite wherever an input entry is (sums and scalings, no masking or selection):
-    # the engine then checks the merged tensor instead of reading every input once more to check it
+    # every merged entry is NaN or infinite wherever an entry of an input or the base is (sums and scalings of all of
+    # them, no masking or selection): the engine then checks the merged tensor instead of reading every input once
+    # more to check it
     propagates_nonfinite: bool = False
     coefficient: str | None = "alpha"  # the scale (or interpolation) parameter a coefficient search varies
     check: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)  # cross-parameter rules
@@ -393,7 +394,6 @@ _SEED = MethodParameter("seed", "Seed of the random drop masks.", 0, kind=int)
     "weight_average",
     reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     coefficient=None,
-    propagates_nonfinite=True,
 )
 def weight_average(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean of the fine-tuned weights: ``sum_t w_t theta_t / sum_t w_t`` (weights are normalised).
@@ -636,7 +636,6 @@ def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: 
     min_models=2,
     max_models=2,
     uses_weights=False,
-    propagates_nonfinite=True,
 )
 def linear_interpolation(
     base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float], *, alpha: float = 0.5
