@@ -237,4 +237,9 @@ class MergeConfig:
         return MergeConfig.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as a dict; a model without its own parameters is written without the empty mapping."""
+        data = dataclasses.asdict(self)
+        for entry in data["models"]:
+            if not entry["parameters"]:
+                del entry["parameters"]
+        return data
