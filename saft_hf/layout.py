@@ -22,6 +22,10 @@ TASK_VECTOR_WEIGHT_FILES = (
     f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors.index.json",
     f"{TASK_VECTOR_WEIGHTS_NAME}.safetensors",
 )
+# A CLIP classifier's zero-shot head (saft_hf.models.clip.ZeroShotHead), saved beside its vision tower.
+HEAD_FILE = "zero_shot_head.safetensors"
+# The fine-tuning mode a linearised (FTTS) fine-tune, and a merge of such, records in config.json (saft_hf.modes.ftts).
+FTTS_MODE = "ftts"
 
 
 def is_task_vector_listing(files: Collection[str]) -> bool:
@@ -49,6 +53,8 @@ def is_adapter_folder(folder: str | os.PathLike) -> bool:
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "CONFIG_NAME",
+    "FTTS_MODE",
+    "HEAD_FILE",
     "OUTPUT_MANIFEST_NAME",
     "PRETRAINING_RECORD_NAME",
     "TASK_VECTOR_WEIGHTS_NAME",

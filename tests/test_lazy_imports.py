@@ -35,6 +35,11 @@ def test_startup_imports_no_heavy_library(code):
     assert imported_heavy_modules(code) == []
 
 
+def test_merging_imports_torch_and_no_model_library():
+    # `saft-hf merge` streams tensors from files: transformers' model code (a second or more to import) is not needed
+    assert imported_heavy_modules("import saft_hf.merging") == ["torch"]
+
+
 def test_one_analysis_name_imports_only_its_module():
     code = "from saft_hf.analysis import add_noise_scale_logging"
     imported = imported_heavy_modules(code)

@@ -51,6 +51,21 @@ def test_float32_task_arithmetic_is_within_one_rounding_of_float64(alpha, weight
         assert bool((difference <= bound).all()), name
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+def test_float32_task_arithmetic_is_the_plain_float32_sum_bit_for_bit(input_dtype):
+    # computed block by block over all models at once: 2**16 + 3 entries end in a partial block
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(2**16 + 3, generator=generator)
+    tuned = [(base + 1e-3 * torch.randn(base.shape, generator=generator)).to(input_dtype) for _ in range(3)]
+    weights = [0.7, 1.0, -0.2]
+    total = torch.zeros_like(base)
+    for weight, tensor in zip(weights, tuned):
+        total.add_(tensor.float() - base, alpha=weight)
+    expected = torch.add(base, total, alpha=0.3)
+    fast = task_arithmetic(base, tuned, weights, alpha=0.3, dtype=torch.float32)
+    assert fast.dtype == torch.float32 and torch.equal(fast, expected)
+
+
 def test_only_task_arithmetic_opts_into_float32():
     assert [
         name

@@ -136,17 +136,8 @@ def test_filters_on_two_parameters_become_exclusive_regexes(in_models):
             "parameters.density: gradients (lists of values over layers) are not supported",
         ),
         (
-            {"parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
-            "parameters.density: filters and gradients are not supported here",
-        ),
-        (
-            {
-                "models": [
-                    {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
-                    {"model": "c", "parameters": {"weight": 1, "density": 0.3}},
-                ]
-            },
-            "models[0].parameters.density: differs between models ([0.3, 0.5])",
+            {"models": [{"model": "a", "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.5}]}}]},
+            "models[0].parameters.density: filters and gradients are not supported here",
         ),
         (
             {"models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}]},

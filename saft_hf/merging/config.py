@@ -38,6 +38,13 @@ class ModelSpec:
     model: str = field(metadata={"help": "Local folder, Hub id (optionally `id@revision`) or saved TaskVector folder."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (alternative to `@rev` in `model`)."})
     weight: float = field(default=1.0, metadata={"help": "Per-model weight, as the method defines it."})
+    parameters: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "This model's own values of the method's per-model parameters (density, gamma, epsilon); "
+            "they win over `parameters` and `tensor_parameters` for this model, as in mergekit."
+        },
+    )
 
     @classmethod
     def from_any(cls, data: Any, where: str) -> ModelSpec:
@@ -54,7 +61,13 @@ class ModelSpec:
         revision = data.get("revision")
         if revision is not None and not isinstance(revision, str):
             raise ValueError(f"{where}.revision: expected a string, got {revision!r}")
-        return cls(model=data["model"], revision=revision, weight=float(weight))
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ValueError(f"{where}.parameters: expected a mapping of per-model parameters, got {parameters!r}")
+        for name, value in parameters.items():
+            if isinstance(value, list | tuple | dict):
+                raise ValueError(f"{where}.parameters.{name}: expected one value for this model, got {value!r}")
+        return cls(model=data["model"], revision=revision, weight=float(weight), parameters=dict(parameters))
 
 
 @dataclass
@@ -143,6 +156,9 @@ class MergeConfig:
         if not isinstance(self.tensor_parameters, list):
             raise ValueError("tensor_parameters: expected a list of {filter, parameters}")
         self.tensor_parameters = [self._tensor_parameters(entry, i) for i, entry in enumerate(self.tensor_parameters)]
+        # Each model's own values with the recipe-wide parameters and with every tensor_parameters entry.
+        for overrides in ({}, *(entry.parameters for entry in self.tensor_parameters)):
+            self.model_arguments(method.resolve_parameters({**self.parameters, **overrides}))
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype: must be one of {list(OUTPUT_DTYPES)} or null, got {self.dtype!r}")
         parse_size(self.max_shard_size)
@@ -181,6 +197,12 @@ class MergeConfig:
                 raise ValueError(f"{where}.filter: invalid regex ({error})") from error
         get_method(self.method).resolve_parameters(entry.parameters, where=f"{where}.parameters")
         return entry
+
+    def model_arguments(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's arguments for one tensor from its resolved ``parameters``: per-model parameters that some
+        model sets become one value per model (see :meth:`MergeMethod.per_model_arguments`)."""
+        models = [model.parameters for model in self.models]
+        return get_method(self.method).per_model_arguments(parameters, models)
 
     def parameters_for(self, tensor_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Validated method parameters for one tensor: defaults, then ``parameters`` (updated by ``overrides``, as
@@ -227,4 +249,9 @@ class MergeConfig:
         return MergeConfig.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as a dict; a model without its own parameters is written without the empty mapping."""
+        data = dataclasses.asdict(self)
+        for entry in data["models"]:
+            if not entry["parameters"]:
+                del entry["parameters"]
+        return data

@@ -7,10 +7,12 @@ them costs page cache, not allocations.
 Dtypes: inputs (models, task vectors, the base) may hold any floating-point dtype, mixed freely; differences and
 merges are computed in float64 and the result is stored in the base's dtype unless the recipe's ``dtype`` asks for
 another. Methods registered with ``float32=True`` (task arithmetic) compute in float32 when the base, every input
-model and the output are float32 or narrower: twice as fast, and within float32 summation's error bound of the
-float64 result (at most 1.2e-7 apart on ViT-B/32 weights). Non-finite numbers are refused by default: every input
-tensor is checked as it is read (NaN or infinity in a model, task vector or the base raises
-:class:`~saft_hf.errors.NonFiniteError` naming the input, the tensor and the counts), and every output tensor after
+model and the output are float32 or narrower: several times faster, and within float32 summation's error bound of
+the float64 result (at most 1.2e-7 apart on ViT-B/32 weights). Non-finite numbers are refused by default: every
+input tensor is checked as it is read (NaN or infinity in a model, task vector or the base raises
+:class:`~saft_hf.errors.NonFiniteError` naming the input, the tensor and the counts; for methods registered with
+``propagates_nonfinite=True``, whose output is non-finite wherever an input is, the inputs are checked only when the
+output is not finite, which finds the same input at one pass less over every input), and every output tensor after
 the cast to the output dtype, before it is written (the message names the likely cause: the method's parameters or
 model weights, e.g. ``alpha: -1e300``, or an output ``dtype`` narrower than the base's). ``allow_nonfinite: true``
 lets such values through float64 arithmetic as is: task arithmetic and averages propagate them; TIES' magnitude trim
@@ -45,19 +47,20 @@ from ..io import (
     check_finite,
     check_outside_inputs,
     check_replaceable,
+    nonfinite_counts,
     tensor_dtype,
     tensor_shape,
 )
 from ..layout import (
     ADAPTER_CONFIG_NAME,
     CONFIG_NAME,
+    HEAD_FILE,
     is_adapter_folder,
     is_adapter_listing,
     is_task_vector_folder,
     is_task_vector_listing,
 )
 from ..model_weights import ModelWeights, align_models, open_model_weights
-from ..models.clip import HEAD_FILE
 from ..task_vectors import TaskVector
 from .config import MergeConfig
 from .finetuning import BASE_FIELD, MODE_FIELD, common_finetune_mode, copy_shared_head, record_finetune_mode
@@ -153,6 +156,10 @@ def one_compute_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _unchecked(index: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -281,10 +288,13 @@ class MergePlan:
 
     def merge_tensor(self, name: str, overrides: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The merged tensor ``name`` (a base name the inputs cover), in the output dtype."""
-        base_tensor = self._base_tensor(name)
-        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, self._checked_input)
+        # A method whose output is non-finite wherever an input is reads its inputs unchecked (one pass less over
+        # each); ``_to_output`` traces a non-finite output back to its input.
+        checked = _unchecked if self.method.propagates_nonfinite else self._checked_input
+        base_tensor = checked(-1, name, self.base.tensors[name])
+        finetuned = _FinetunedTensors(self.inputs, name, base_tensor, checked)
         parameters = self.config.parameters_for(name, overrides)
-        arguments = dict(parameters)
+        arguments = self.config.model_arguments(parameters)
         if self.method.seeded:
             arguments["seed"] = tensor_seed(parameters["seed"], name)
         if self.method.float32 and self._float32_enough(name):
@@ -314,13 +324,23 @@ class MergePlan:
         self._finite.add((index, name))
         return tensor
 
+    def _check_inputs(self, name: str) -> None:
+        """Raise naming the first of the base and the inputs whose tensor for ``name`` holds NaN or infinities."""
+        self._base_tensor(name)
+        for index, item in enumerate(self.inputs):
+            input_name = item.alignment.mapping[name]
+            self._checked_input(index, input_name, item.weights.tensors[input_name])
+
     def _to_output(self, name: str, tensor: torch.Tensor, parameters: Mapping[str, Any] | None = None) -> torch.Tensor:
         """``tensor`` (merged with ``parameters``, or the base's own when None) cast to the output dtype of ``name``,
-        checked to be finite: the inputs were, so the method's arithmetic or the cast overflowed."""
+        checked to be finite: the inputs were (a method that read them unchecked has them checked now, when its
+        output is not finite), so the method's arithmetic or the cast overflowed."""
         dtype = self.output_dtype(name)
         result = tensor.to(dtype)
         if self.config.allow_nonfinite:
             return result
+        if parameters is not None and self.method.propagates_nonfinite and nonfinite_counts(result) != (0, 0):
+            self._check_inputs(name)
         causes = []
         if parameters is not None:
             causes.append(

@@ -27,8 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .. import hub
-from ..models.clip import HEAD_FILE
-from ..modes import FTTS_MODE
+from ..layout import FTTS_MODE, HEAD_FILE
 
 MODE_FIELD = "saft_finetune_mode"
 BASE_FIELD = "saft_base_model"

@@ -16,7 +16,8 @@ Mapping (mergekit 0.1.5 definitions; ``w_t`` per-model ``weight``, ``lambda`` de
 
 Parameter values may be scalars or mergekit's filter lists (``[{filter, value}, ..., {value}]``, substring
 filters, first match wins), which become ``tensor_parameters``; gradients (lists of values over layers) are refused.
-Per-model ``density``, ``gamma``, ``epsilon`` must be the same for every model (saft_hf applies one value to all).
+Per-model ``density``, ``gamma``, ``epsilon`` (one number per model) become the models' own ``parameters``, which
+win over the recipe-wide value, filtered or not, as a model's own value does in mergekit.
 ``int8_mask`` only changes the dtype of mergekit's mask and is ignored. mergekit computes in ``dtype``; saft_hf
 always computes in float64, so results agree to the precision of mergekit's ``dtype``; the output dtype is
 ``out_dtype``, else ``dtype``. DARE and DELLA masks are saft_hf's seeded draws (``parameters.seed``, default 0),
@@ -261,10 +262,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{where}.parameters.weight: mergekit's {name} does not use per-model weights")
     settings = {
         key: _conditional(parameters[key], default, f"parameters.{key}") if key in parameters else [(None, default)]
-        for key, default in spec.shared.items()
+        for key, default in {**spec.shared, **spec.per_model}.items()
     }
-    for key, default in spec.per_model.items():
-        settings[key] = _shared_per_model(key, default, parameters, models)
     fallback = {key: options[-1][1] for key, options in settings.items()}
     missing = sorted(key for key, value in fallback.items() if value is None)
     if missing:
@@ -274,8 +273,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "base_model": base_model,
         "models": [
-            {"model": model, "weight": weight} if spec.weighted else model
-            for (model, _, _), weight in zip(models, weights)
+            {"model": model, "weight": weight, "parameters": _own_parameters(spec, model_parameters, where)}
+            if spec.weighted
+            else model
+            for (model, model_parameters, where), weight in zip(models, weights)
         ],
         "method": spec.ours,
         "parameters": spec.translate(fallback, weight_sum),
@@ -326,26 +327,16 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _shared_per_model(
-    key: str, default: Any, parameters: dict[str, Any], models: list[_Entry]
-) -> list[tuple[str | None, Any]]:
-    """A per-model parameter as one setting for all models: their own values (all equal), else the recipe's."""
-    own = [
-        (where, _number(model_parameters[key], f"{where}.parameters.{key}"))
-        for _, model_parameters, where in models
+def _own_parameters(spec: _Method, model_parameters: dict[str, Any], where: str) -> dict[str, Any]:
+    """A model's own per-model parameters (other than its weight) as saft_hf's values."""
+    own = {
+        key: _number(model_parameters[key], f"{where}.parameters.{key}")
+        for key in spec.per_model
         if key in model_parameters
-    ]
-    if not own:
-        return _conditional(parameters[key], default, f"parameters.{key}") if key in parameters else [(None, default)]
-    recipe_wide = _number(parameters[key], f"parameters.{key}") if key in parameters else default
-    values = {value for _, value in own} | ({recipe_wide} if len(own) < len(models) else set())
-    if len(values) > 1:
-        where = own[0][0]
-        raise ValueError(
-            f"{where}.parameters.{key}: differs between models ({sorted(values)}); saft_hf applies one "
-            "value to every model"
-        )
-    return [(None, values.pop())]
+    }
+    if "density" in own:
+        own["density"] = min(1.0, own["density"])  # mergekit keeps every entry at density >= 1
+    return own
 
 
 def _tensor_parameters(

@@ -28,8 +28,8 @@ from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import cached_file
 
 from ..io import write_atomically
+from ..layout import HEAD_FILE
 
-HEAD_FILE = "zero_shot_head.safetensors"
 _HEAD_TENSORS = ("visual_projection", "class_embeddings", "logit_scale")
 
 

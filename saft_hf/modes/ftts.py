@@ -54,9 +54,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.utils import CONFIG_NAME, cached_file
 
-from ..models.clip import HEAD_FILE, CLIPVisionClassifier
+from ..layout import FTTS_MODE, HEAD_FILE
+from ..models.clip import CLIPVisionClassifier
 
-FTTS_MODE = "ftts"
 IGNORE_INDEX = -100
 
 

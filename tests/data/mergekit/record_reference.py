@@ -105,6 +105,25 @@ KERNEL_CASES = {
     "model_stock_two": ("model_stock", {}, {}, 2, SHAPES, None),
     "slerp": ("slerp", {"t": 0.3}, {}, 1, SHAPES, None),
     "slerp_collinear": ("slerp", {"t": 0.6}, {}, 1, SHAPES, None),
+    # per-model values (mergekit's models[].parameters), each model its own
+    "ties_per_model": ("ties", {}, {"weight": [1.0, 0.5, 1.0], "density": [0.2, 0.5, 0.9]}, 3, SHAPES, None),
+    "dare_ties_per_model": ("dare_ties", {}, {"weight": [1.0, 1.0, 1.0], "density": [0.3, 0.6, 1.0]}, 3, SHAPES, 14),
+    "breadcrumbs_per_model": (
+        "breadcrumbs",
+        {},
+        {"weight": [1.0, 1.0, 1.0], "density": [0.5, 0.8, 0.9], "gamma": [0.05, 0.1, 0.2]},
+        3,
+        SHAPES,
+        None,
+    ),
+    "della_linear_per_model": (
+        "della_linear",
+        {},
+        {"weight": [1.0, 1.0, 1.0], "density": [0.4, 0.6, 0.7], "epsilon": [0.1, 0.2, 0.15]},
+        3,
+        SHAPES[:2],
+        15,
+    ),
 }
 NO_BASE = {"linear"}  # mergekit's linear merges its inputs only
 
