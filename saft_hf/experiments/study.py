@@ -19,7 +19,8 @@ README text states.
 
 Outputs: `study.md` / `study.csv` (the table), `study_summary.json` (everything, with the verdict sentences),
 `study_merged.png` (merged accuracy and the paired difference with error bars, method x family) and
-`study_cost_gain.png` (gain over the baseline against fine-tuning time). The verdict is computed from the numbers.
+`study_cost_gain.png` (each family's gain over the baseline against its fine-tuning time relative to the baseline's,
+`cost_gain_points`; the points are in the summary too). The verdict is computed from the numbers.
 """
 
 from __future__ import annotations
@@ -469,9 +470,11 @@ def write_study(
         "table_markdown": markdown,
         "per_seed_folders": {str(result.seed): result.output_dir for result in seeds},
         "finetune_settings": seeds[0].finetune_settings if seeds else {},
-        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)],
-        **(extra or {}),
-    }
+        "cost_gain": {"merge": _label(*headline), "points": [
+            {"family": p.family, "time_ratio": p.time_ratio, "gain": _interval_record(p.gain), "wins": p.wins}
+            for p in cost_gain_points(rows, baseline, headline)]},
+        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)], **(extra or {}),
+    }  # fmt: skip
     text = json.dumps(summary, indent=1, default=lambda value: None if value != value else value)
     write_atomically(folder / SUMMARY_FILE, lambda f: f.write(text))
     return summary
@@ -574,10 +577,32 @@ def _families_text(summary: Mapping[str, Any]) -> str:
     return listed + budget
 
 
+@dataclass(frozen=True)
+class CostGain:
+    """One family's point of the cost-gain figure: its fine-tuning time relative to the baseline's and the
+    headline merge's paired gain over the baseline (zero, without an interval, for the baseline itself)."""
+
+    family: str
+    time_ratio: float  # mean fine-tuning time over seeds / the baseline's
+    gain: Interval  # pp
+    wins: int | None = None
+
+
+def cost_gain_points(rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[CostGain]:
+    """The data of `study_cost_gain.png`: per family, its time ratio to the baseline and its paired gain under the
+    `headline` (method, setting), in the rows' order."""
+    chosen = [row for row in rows if (row.method, row.setting) == headline]
+    reference = next((row.training_seconds.mean for row in chosen if row.family == baseline), math.nan)
+    return [CostGain(row.family, row.training_seconds.mean / reference,
+                     row.difference.interval if row.difference else Interval(0.0, math.nan, math.nan, row.merged.n),
+                     row.difference.wins if row.difference else None)
+            for row in chosen]  # fmt: skip
+
+
 def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[Path]:
     """`study_merged.png` (per merge: each family's merged accuracy and its paired difference to the baseline, with
     95% error bars) and `study_cost_gain.png` (the headline merge's gain over the baseline against fine-tuning
-    time, per family)."""
+    time ratio, per family: `cost_gain_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,20 +637,11 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
-        if (row.method, row.setting) == headline:
-            gain = row.difference.interval if row.difference else Interval(0.0, 0.0, 0.0, row.merged.n)
-            axis.errorbar(
-                [row.training_seconds.mean],
-                [gain.mean],
-                fmt="o",
-                capsize=3,
-                label=row.family,
-                xerr=[[0.0 if math.isnan(row.training_seconds.low) else row.training_seconds.half_width]],
-                yerr=[[0.0 if math.isnan(gain.low) else gain.half_width]],
-            )
+    for point in cost_gain_points(rows, baseline, headline):
+        error = 0.0 if math.isnan(point.gain.low) else point.gain.half_width
+        axis.errorbar([point.time_ratio], [point.gain.mean], yerr=[[error]], fmt="o", capsize=3, label=point.family)
     axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set_xlabel("fine-tuning time per family (s, all tasks)")
+    axis.set_xlabel(f"fine-tuning time / {baseline}'s (mean over seeds, all tasks)")
     axis.set_ylabel(f"{_label(*headline)}: gain over {baseline} (pp)")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -638,11 +654,13 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
 
 __all__ = [
     "SUMMARY_FILE",
+    "CostGain",
     "SeedResult",
     "SeedSetup",
     "StudyRow",
     "README_HEADING",
     "SMOOTHED",
+    "cost_gain_points",
     "decision",
     "finetune_settings",
     "grid_neighbour_scores",
