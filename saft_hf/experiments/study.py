@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import resource
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -109,6 +110,13 @@ def quiet_console() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes (the seed workers): with other
+    jobs on the machine, the wall time says little, the CPU time what the study cost."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def training_seconds(config: ExperimentConfig) -> dict[str, float]:
@@ -500,7 +508,10 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
         f"Generated from `{summary_path}`, the summary of `{summary['command']}` (`make demo`'s settings) on "
         f"{machine['cpus']} CPU cores ({machine['platform']}), seeds {summary['seeds'][0]}-{summary['seeds'][-1]}, "
         f"{summary['wall_time_seconds']:.0f} s wall time"
-        f"{' (over the 5-minute target)' if summary['wall_time_seconds'] > 300 else ''} (load average at the end "
+        f"{' (over the 5-minute target)' if summary['wall_time_seconds'] > 300 else ''}"
+        + (f", {summary['cpu_seconds']:.0f} s CPU time (user + system, all processes)" if "cpu_seconds" in summary
+           else "")
+        + f" (load average at the end "
         f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}). Each seed pre-trains its own tiny CLIP, "
         f"fine-tunes the four digit tasks with {_families_text(summary)}, merges each family and scores the merges on "
         f"the test splits. Intervals: {summary['interval']}; Δ is a family minus {summary['baseline']} on the same "
@@ -661,6 +672,7 @@ __all__ = [
     "README_HEADING",
     "SMOOTHED",
     "cost_gain_points",
+    "cpu_seconds",
     "decision",
     "finetune_settings",
     "grid_neighbour_scores",
