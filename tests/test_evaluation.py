@@ -184,14 +184,30 @@ def test_merges_scored_on_one_base_folder_load_it_once_and_do_not_leak_into_each
         AutoTokenizer.from_pretrained(clip_dir).save_pretrained(tmp_path / f"merged_{seed}")
         reference = CLIPVisionClassifier.from_clip(tmp_path / f"merged_{seed}", DIGITS.class_names, DIGITS.templates)
         data, expected = _planted(rows, _predictions(reference, processor, rows))
-        result = evaluate_model(base, DIGITS, data=data, state_dict=merged.state_dict(), processor=processor,
-                                batch_size=8, device="cpu", progress=False)  # fmt: skip
+        result = evaluate_model(
+            base,
+            DIGITS,
+            data=data,
+            state_dict=merged.state_dict(),
+            processor=processor,
+            batch_size=8,
+            device="cpu",
+            progress=False,
+        )
         assert result == {"accuracy": expected, "num_samples": NUM_ROWS}
     assert [str(path) for path in loads if str(path) == str(base)] == [str(base)]
     # A base folder rewritten in place is loaded again.
     original(clip_dir).save_pretrained(base)
-    evaluate_model(base, DIGITS, data=data, state_dict=merged.state_dict(), processor=processor, batch_size=8,
-                   device="cpu", progress=False)  # fmt: skip
+    evaluate_model(
+        base,
+        DIGITS,
+        data=data,
+        state_dict=merged.state_dict(),
+        processor=processor,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+    )
     assert [str(path) for path in loads if str(path) == str(base)] == [str(base)] * 2
 
 

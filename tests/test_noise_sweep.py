@@ -59,8 +59,12 @@ def _write_sweep_config(folder: Path, output_dir: Path, **changes) -> Path:
         # An absolute path and one relative to the sweep config file.
         "finetune_configs": [str(REPO / "recipes" / "configs" / "demo.yaml"), "overrides.yaml"],
         "output_dir": str(output_dir),
-        "seeds": SEEDS, **GRID, **TASKS, **EVAL, **changes,
-    }  # fmt: skip
+        "seeds": SEEDS,
+        **GRID,
+        **TASKS,
+        **EVAL,
+        **changes,
+    }
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -116,8 +120,9 @@ def test_the_interpolated_runs_share_their_start_and_differ_in_data_order(sweep)
     start_a, start_b = (load_file(folder / "pretrained" / "model.safetensors") for folder in (first, second))
     assert all(torch.equal(start_a[key], start_b[key]) for key in start_a)
     # Another seed starts from another model.
-    other = load_file(_run(output_dir, "lr0.008_bs4_wd0.05", "digits_0to4", 0, seed=1) / "pretrained" /
-                      "model.safetensors")  # fmt: skip
+    other = load_file(
+        _run(output_dir, "lr0.008_bs4_wd0.05", "digits_0to4", 0, seed=1) / "pretrained" / "model.safetensors"
+    )
     assert any(not torch.equal(start_a[key], other[key]) for key in start_a)
     tuned_a, tuned_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert any(not torch.equal(tuned_a[key], tuned_b[key]) for key in tuned_a)
@@ -183,25 +188,37 @@ def test_the_table_reports_each_settings_gains_over_the_seeds(sweep):
 @pytest.mark.slow
 def test_the_figures_plot_the_mean_gains_against_the_noise_scale(sweep, monkeypatch):
     config, output_dir, result = sweep
-    for name in ("merge_gain_vs_noise_interpolation.png", "merge_gain_vs_noise_task_arithmetic.png",
-                 "interpolation_curves.png"):  # fmt: skip
+    for name in (
+        "merge_gain_vs_noise_interpolation.png",
+        "merge_gain_vs_noise_task_arithmetic.png",
+        "interpolation_curves.png",
+    ):
         assert str(output_dir / name) in result["files"]
     drawn = {}
-    monkeypatch.setattr(noise_sweep, "plot_merge_gain_vs_noise",
-                        lambda points, path, ylabel: drawn.setdefault(Path(path).name, (points, ylabel)))  # fmt: skip
+    monkeypatch.setattr(
+        noise_sweep,
+        "plot_merge_gain_vs_noise",
+        lambda points, path, ylabel: drawn.setdefault(Path(path).name, (points, ylabel)),
+    )
     args = noise_sweep.parse_noise_sweep_args(["--config", str(config)])
     noise_sweep.plot_gains(result["rows"], noise_sweep.grid(args), args)
     by_setting = {row["setting"]: row for row in result["rows"]}
-    for name, merge in (("merge_gain_vs_noise_interpolation.png", "interpolation"),
-                        ("merge_gain_vs_noise_task_arithmetic.png", "arithmetic")):  # fmt: skip
+    for name, merge in (
+        ("merge_gain_vs_noise_interpolation.png", "interpolation"),
+        ("merge_gain_vs_noise_task_arithmetic.png", "arithmetic"),
+    ):
         points, ylabel = drawn[name]
         assert ylabel.endswith("mean of 2 seed(s)")
         # One line per batch size (weight decay fixed), along which the learning rate varies.
         assert set(points) == {"B = 4, wd = 0.05", "B = 8, wd = 0.05"}
         for batch in (4, 8):
-            expected = [(by_setting[f"lr{lr:g}_bs{batch}_wd0.05"]["noise_scale"],
-                         by_setting[f"lr{lr:g}_bs{batch}_wd0.05"][f"{merge}_accuracy_gain"])
-                        for lr in GRID["learning_rates"]]  # fmt: skip
+            expected = [
+                (
+                    by_setting[f"lr{lr:g}_bs{batch}_wd0.05"]["noise_scale"],
+                    by_setting[f"lr{lr:g}_bs{batch}_wd0.05"][f"{merge}_accuracy_gain"],
+                )
+                for lr in GRID["learning_rates"]
+            ]
             assert points[f"B = {batch}, wd = 0.05"] == expected
 
 
@@ -209,25 +226,41 @@ def test_gain_statistics_match_hand_computed_values():
     # Three seeds of one setting: arithmetic merged / single 0.80 / 0.75, 0.70 / 0.72, 0.75 / 0.70 (gains +0.05,
     # -0.02, +0.05); interpolation gains +0.01, +0.01, +0.04.
     def row(seed, scale, merged, single, interpolated, endpoints):
-        return {"setting": "lr0.1_bs4_wd0", "seed": seed, "learning_rate": 0.1, "batch_size": 4, "weight_decay": 0.0,
-                "noise_scale": scale, "arithmetic_accuracy_merged": merged, "arithmetic_accuracy_single": single,
-                "interpolation_accuracy_merged": interpolated, "interpolation_accuracy_single": endpoints,
-                "interpolation_loss_gain": -0.1 * seed, "arithmetic_normalized_accuracy": merged / single}  # fmt: skip
+        return {
+            "setting": "lr0.1_bs4_wd0",
+            "seed": seed,
+            "learning_rate": 0.1,
+            "batch_size": 4,
+            "weight_decay": 0.0,
+            "noise_scale": scale,
+            "arithmetic_accuracy_merged": merged,
+            "arithmetic_accuracy_single": single,
+            "interpolation_accuracy_merged": interpolated,
+            "interpolation_accuracy_single": endpoints,
+            "interpolation_loss_gain": -0.1 * seed,
+            "arithmetic_normalized_accuracy": merged / single,
+        }
 
-    rows = [row(0, 1.0, 0.80, 0.75, 0.91, 0.90), row(1, 2.0, 0.70, 0.72, 0.93, 0.92), row(2, 3.0, 0.75, 0.70, 0.94, 0.90)]
+    rows = [
+        row(0, 1.0, 0.80, 0.75, 0.91, 0.90),
+        row(1, 2.0, 0.70, 0.72, 0.93, 0.92),
+        row(2, 3.0, 0.75, 0.70, 0.94, 0.90),
+    ]
     stats = noise_sweep.gain_statistics(rows)
     assert (stats["setting"], stats["seeds"], stats["noise_scale"]) == ("lr0.1_bs4_wd0", 3, 2.0)
     # arithmetic gains 0.05, -0.02, 0.05: mean 0.08 / 3, deviations 0.07/3, -0.14/3, 0.07/3, s^2 = 0.0294 / 9 / 2
     arithmetic_half = 4.302652730 * math.sqrt(0.0294 / 18) / math.sqrt(3)
     assert stats["arithmetic_accuracy_gain"] == pytest.approx(0.08 / 3)
     assert (stats["arithmetic_accuracy_gain_low"], stats["arithmetic_accuracy_gain_high"]) == pytest.approx(
-        (0.08 / 3 - arithmetic_half, 0.08 / 3 + arithmetic_half))  # fmt: skip
+        (0.08 / 3 - arithmetic_half, 0.08 / 3 + arithmetic_half)
+    )
     assert stats["arithmetic_accuracy_gain_wins"] == 2 and stats["arithmetic_accuracy_merged"] == pytest.approx(0.75)
     # interpolation gains 0.01, 0.01, 0.04: mean 0.02, deviations -0.01, -0.01, 0.02, s^2 = 0.0006 / 2
     interpolation_half = 4.302652730 * math.sqrt(0.0003) / math.sqrt(3)
     assert stats["interpolation_accuracy_gain"] == pytest.approx(0.02)
     assert (stats["interpolation_accuracy_gain_low"], stats["interpolation_accuracy_gain_high"]) == pytest.approx(
-        (0.02 - interpolation_half, 0.02 + interpolation_half))  # fmt: skip
+        (0.02 - interpolation_half, 0.02 + interpolation_half)
+    )
     assert stats["interpolation_accuracy_gain_wins"] == 3
     assert stats["interpolation_loss_gain"] == pytest.approx(-0.1)
     # The Markdown table in % and pp: accuracy, then gain [interval] and seeds won, per merge.
@@ -235,10 +268,13 @@ def test_gain_statistics_match_hand_computed_values():
     i_low, i_high = 100 * (0.02 - interpolation_half), 100 * (0.02 + interpolation_half)
     assert noise_sweep.format_table([stats]).splitlines()[2] == (
         f"| lr0.1_bs4_wd0 | 2 | 3 | 92.67 | +2.00 [{i_low:+.2f}, {i_high:+.2f}] pp, 3/3 | 75.00 | "
-        f"+2.67 [{low:+.2f}, {high:+.2f}] pp, 2/3 |")  # fmt: skip
+        f"+2.67 [{low:+.2f}, {high:+.2f}] pp, 2/3 |"
+    )
     # One seed: the gain without an interval.
     single = noise_sweep.gain_statistics(rows[:1])
-    assert single["arithmetic_accuracy_gain"] == pytest.approx(0.05) and math.isnan(single["arithmetic_accuracy_gain_low"])
+    assert single["arithmetic_accuracy_gain"] == pytest.approx(0.05) and math.isnan(
+        single["arithmetic_accuracy_gain_low"]
+    )
 
 
 @pytest.mark.slow
@@ -273,7 +309,9 @@ def test_a_second_invocation_trains_nothing_and_an_unfinished_run_is_retrained(s
 def test_a_finished_run_of_another_configuration_is_refused(sweep, tmp_path):
     _, output_dir, _ = sweep
     changed = _write_sweep_config(tmp_path, output_dir, finetune={"max_steps": 5})
-    with pytest.raises(ValueError, match=r"lr0\.002_bs4_wd0\.05/seed0/digits_0to4_data0 .*max_steps: trained 4, asked 5"):
+    with pytest.raises(
+        ValueError, match=r"lr0\.002_bs4_wd0\.05/seed0/digits_0to4_data0 .*max_steps: trained 4, asked 5"
+    ):
         noise_sweep.run_noise_sweep(noise_sweep.parse_noise_sweep_args(["--config", str(changed)]))
 
 

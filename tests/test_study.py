@@ -168,8 +168,10 @@ def test_cost_gain_points_put_each_familys_time_ratio_against_its_paired_gain(se
     # The summary records the plotted points.
     saved = write_study(tmp_path, rows, seeds, baseline="sgd")["cost_gain"]
     assert saved["merge"] == "task_arithmetic (searched)"
-    assert [(p["family"], p["time_ratio"], p["wins"]) for p in saved["points"]] == [("sgd", 1.0, None),
-                                                                                      ("saft", 2.0, 2)]  # fmt: skip
+    assert [(p["family"], p["time_ratio"], p["wins"]) for p in saved["points"]] == [
+        ("sgd", 1.0, None),
+        ("saft", 2.0, 2),
+    ]
     assert saved["points"][1]["gain"]["half_width"] == pytest.approx(half)
 
 

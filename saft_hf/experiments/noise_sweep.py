@@ -252,15 +252,22 @@ def finetune_argv(args: NoiseSweepArguments, run: Run, per_device_batch_size: in
     configs build a tiny model from a seed (`tiny_model_seed`), so each seed starts from its own."""
     return [
         *_config_flags(args),
-        "--seed", str(run.seed),
+        "--seed",
+        str(run.seed),
         *(["--tiny_model_seed", str(run.seed)] if builds_model else []),
-        "--task", run.task,
-        "--learning_rate", repr(run.setting.learning_rate),
-        "--per_device_train_batch_size", str(per_device_batch_size),
-        "--weight_decay", repr(run.setting.weight_decay),
-        "--data_seed", str(run.data_seed),
-        "--output_dir", str(run.folder),
-    ]  # fmt: skip
+        "--task",
+        run.task,
+        "--learning_rate",
+        repr(run.setting.learning_rate),
+        "--per_device_train_batch_size",
+        str(per_device_batch_size),
+        "--weight_decay",
+        repr(run.setting.weight_decay),
+        "--data_seed",
+        str(run.data_seed),
+        "--output_dir",
+        str(run.folder),
+    ]
 
 
 def common_finetune_arguments(args: NoiseSweepArguments) -> tuple[ModelArguments, SAFTConfig]:
@@ -313,8 +320,13 @@ def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, builds_model
         logger.info("fine-tuning %s", run.folder)
     run_finetune(argv)
     if state.is_main_process:
-        record = {"task": run.task, "data_seed": run.data_seed, "seed": run.seed, **asdict(run.setting),
-                  "noise_scale": logged_noise_scale(run.folder)}  # fmt: skip
+        record = {
+            "task": run.task,
+            "data_seed": run.data_seed,
+            "seed": run.seed,
+            **asdict(run.setting),
+            "noise_scale": logged_noise_scale(run.folder),
+        }
         text = json.dumps(record, indent=2)
         write_atomically(run.folder / RUN_COMPLETE_FILE, lambda f: f.write(text + "\n"))
     state.wait_for_everyone()
@@ -398,16 +410,21 @@ def gain_statistics(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     for merge in MERGES:
         merged = {r["seed"]: r[f"{merge}_accuracy_merged"] for r in per_seed}
         gain = paired_difference(merged, {r["seed"]: r[f"{merge}_accuracy_single"] for r in per_seed})
-        row |= {f"{merge}_accuracy_merged": t_interval(list(merged.values())).mean,
-                f"{merge}_accuracy_gain": gain.interval.mean, f"{merge}_accuracy_gain_low": gain.interval.low,
-                f"{merge}_accuracy_gain_high": gain.interval.high, f"{merge}_accuracy_gain_wins": gain.wins}  # fmt: skip
+        row |= {
+            f"{merge}_accuracy_merged": t_interval(list(merged.values())).mean,
+            f"{merge}_accuracy_gain": gain.interval.mean,
+            f"{merge}_accuracy_gain_low": gain.interval.low,
+            f"{merge}_accuracy_gain_high": gain.interval.high,
+            f"{merge}_accuracy_gain_wins": gain.wins,
+        }
     row["interpolation_loss_gain"] = t_interval([r["interpolation_loss_gain"] for r in per_seed]).mean
     row["arithmetic_normalized_accuracy"] = t_interval([r["arithmetic_normalized_accuracy"] for r in per_seed]).mean
     return row
 
 
-def write_table(rows: list[dict[str, Any]], args: NoiseSweepArguments, runs: list[dict[str, Any]],
-                per_seed: list[dict[str, Any]]) -> Path:  # fmt: skip
+def write_table(
+    rows: list[dict[str, Any]], args: NoiseSweepArguments, runs: list[dict[str, Any]], per_seed: list[dict[str, Any]]
+) -> Path:
     """`merge_gain_vs_noise.csv` (one row per setting, `gain_statistics`) and `.json` (those rows, every seed's row,
     the sweep's arguments, every run)."""
     buffer = io.StringIO(newline="")
@@ -448,8 +465,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for merge in MERGES:
             name = f"{merge}_accuracy_gain"
             gain = Interval(*(100 * row[name + suffix] for suffix in ("", "_low", "_high")), row["seeds"])
-            cells += [f"{100 * row[f'{merge}_accuracy_merged']:.2f}",
-                      f"{gain.format(signed=True)} pp, {row[name + '_wins']}/{row['seeds']}"]  # fmt: skip
+            cells += [
+                f"{100 * row[f'{merge}_accuracy_merged']:.2f}",
+                f"{gain.format(signed=True)} pp, {row[name + '_wins']}/{row['seeds']}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -471,8 +490,16 @@ def run_noise_sweep(args: NoiseSweepArguments) -> dict[str, Any]:
             for run in dict.fromkeys((*interpolated, *arithmetic)):
                 if ensure_trained(args, run, batches[setting.batch_size], builds_model, state):
                     trained.append(str(run.folder))
-                runs.append({"folder": str(run.folder), "task": run.task, "data_seed": run.data_seed, "seed": seed,
-                             "setting": setting.name, "noise_scale": logged_noise_scale(run.folder)})  # fmt: skip
+                runs.append(
+                    {
+                        "folder": str(run.folder),
+                        "task": run.task,
+                        "data_seed": run.data_seed,
+                        "seed": seed,
+                        "setting": setting.name,
+                        "noise_scale": logged_noise_scale(run.folder),
+                    }
+                )
     if not state.is_main_process:
         return {"rows": [], "per_seed": [], "trained": trained, "runs": runs, "files": []}
 
@@ -482,9 +509,13 @@ def run_noise_sweep(args: NoiseSweepArguments) -> dict[str, Any]:
         # The seed's pre-trained model (every run of a seed starts from it): the analysis model and its heads.
         base = base_model_of(runs_of(args, settings[0], seed)[0][0], model_args.model_name_or_path)
         analysis_tasks = build_analysis_tasks(
-            base, task_names, split=args.eval_split, max_examples=args.max_eval_examples or None,
-            batch_size=args.eval_batch_size, device=args.device,
-        )  # fmt: skip
+            base,
+            task_names,
+            split=args.eval_split,
+            max_examples=args.max_eval_examples or None,
+            batch_size=args.eval_batch_size,
+            device=args.device,
+        )
         tasks = {name: with_prepared_batches(task) for name, task in zip(task_names, analysis_tasks)}
         for setting in settings:
             logger.info("measuring the merges of %s, seed %d", setting.name, seed)
@@ -500,5 +531,10 @@ def run_noise_sweep(args: NoiseSweepArguments) -> dict[str, Any]:
     files.append(write_atomically(output_dir / SWEEP_CONFIG_FILE, lambda f: f.write(config_text)))
     title = f"{args.interpolation_task}: (1 − a) θ_A + a θ_B of two data orders (seed {args.seeds[0]})"
     files.append(plot_interpolation(curves, output_dir / "interpolation_curves.png", title=title))
-    return {"rows": rows, "per_seed": per_seed, "trained": trained, "runs": runs,
-            "files": [str(path) for path in files]}  # fmt: skip
+    return {
+        "rows": rows,
+        "per_seed": per_seed,
+        "trained": trained,
+        "runs": runs,
+        "files": [str(path) for path in files],
+    }

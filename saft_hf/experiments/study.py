@@ -478,11 +478,16 @@ def write_study(
         "table_markdown": markdown,
         "per_seed_folders": {str(result.seed): result.output_dir for result in seeds},
         "finetune_settings": seeds[0].finetune_settings if seeds else {},
-        "cost_gain": {"merge": _label(*headline), "points": [
-            {"family": p.family, "time_ratio": p.time_ratio, "gain": _interval_record(p.gain), "wins": p.wins}
-            for p in cost_gain_points(rows, baseline, headline)]},
-        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)], **(extra or {}),
-    }  # fmt: skip
+        "cost_gain": {
+            "merge": _label(*headline),
+            "points": [
+                {"family": p.family, "time_ratio": p.time_ratio, "gain": _interval_record(p.gain), "wins": p.wins}
+                for p in cost_gain_points(rows, baseline, headline)
+            ],
+        },
+        "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)],
+        **(extra or {}),
+    }
     text = json.dumps(summary, indent=1, default=lambda value: None if value != value else value)
     write_atomically(folder / SUMMARY_FILE, lambda f: f.write(text))
     return summary
@@ -509,8 +514,11 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
         f"{machine['cpus']} CPU cores ({machine['platform']}), seeds {summary['seeds'][0]}-{summary['seeds'][-1]}, "
         f"{summary['wall_time_seconds']:.0f} s wall time"
         f"{' (over the 5-minute target)' if summary['wall_time_seconds'] > 300 else ''}"
-        + (f", {summary['cpu_seconds']:.0f} s CPU time (user + system, all processes)" if "cpu_seconds" in summary
-           else "")
+        + (
+            f", {summary['cpu_seconds']:.0f} s CPU time (user + system, all processes)"
+            if "cpu_seconds" in summary
+            else ""
+        )
         + f" (load average at the end "
         f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}). Each seed pre-trains its own tiny CLIP, "
         f"fine-tunes the four digit tasks with {_families_text(summary)}, merges each family and scores the merges on "
@@ -604,10 +612,15 @@ def cost_gain_points(rows: Sequence[StudyRow], baseline: str, headline: tuple[st
     `headline` (method, setting), in the rows' order."""
     chosen = [row for row in rows if (row.method, row.setting) == headline]
     reference = next((row.training_seconds.mean for row in chosen if row.family == baseline), math.nan)
-    return [CostGain(row.family, row.training_seconds.mean / reference,
-                     row.difference.interval if row.difference else Interval(0.0, math.nan, math.nan, row.merged.n),
-                     row.difference.wins if row.difference else None)
-            for row in chosen]  # fmt: skip
+    return [
+        CostGain(
+            row.family,
+            row.training_seconds.mean / reference,
+            row.difference.interval if row.difference else Interval(0.0, math.nan, math.nan, row.merged.n),
+            row.difference.wins if row.difference else None,
+        )
+        for row in chosen
+    ]
 
 
 def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[Path]:
