@@ -168,7 +168,6 @@ def pretrain_tiny_clip(
             remove_unused_columns=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
-            optim="adamw_torch_fused",
         )
         set_seed(seed)
         trainer = Trainer(
