@@ -177,6 +177,11 @@ def test_merges_scored_on_one_base_folder_load_it_once_and_do_not_leak_into_each
     base = tmp_path / "base"
     original(clip_dir).save_pretrained(base)
     AutoTokenizer.from_pretrained(clip_dir).save_pretrained(base)
+
+    def score(merged, data):
+        kwargs = dict(data=data, processor=processor, batch_size=8, device="cpu", progress=False)
+        return evaluate_model(base, DIGITS, state_dict=merged.state_dict(), **kwargs)
+
     for seed in (8, 9, 8):  # each merge's own weights, the last one again after another
         merged = original(clip_dir)
         _perturb_(merged, seed=seed)
@@ -184,30 +189,11 @@ def test_merges_scored_on_one_base_folder_load_it_once_and_do_not_leak_into_each
         AutoTokenizer.from_pretrained(clip_dir).save_pretrained(tmp_path / f"merged_{seed}")
         reference = CLIPVisionClassifier.from_clip(tmp_path / f"merged_{seed}", DIGITS.class_names, DIGITS.templates)
         data, expected = _planted(rows, _predictions(reference, processor, rows))
-        result = evaluate_model(
-            base,
-            DIGITS,
-            data=data,
-            state_dict=merged.state_dict(),
-            processor=processor,
-            batch_size=8,
-            device="cpu",
-            progress=False,
-        )
-        assert result == {"accuracy": expected, "num_samples": NUM_ROWS}
+        assert score(merged, data) == {"accuracy": expected, "num_samples": NUM_ROWS}
     assert [str(path) for path in loads if str(path) == str(base)] == [str(base)]
     # A base folder rewritten in place is loaded again.
     original(clip_dir).save_pretrained(base)
-    evaluate_model(
-        base,
-        DIGITS,
-        data=data,
-        state_dict=merged.state_dict(),
-        processor=processor,
-        batch_size=8,
-        device="cpu",
-        progress=False,
-    )
+    score(merged, data)
     assert [str(path) for path in loads if str(path) == str(base)] == [str(base)] * 2
 
 
