@@ -31,12 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from saft_hf.analysis.suite import AnalysisArguments, run_analyses
 from saft_hf.entrypoint import run_main
 from saft_hf.experiments import ExperimentConfig
 from saft_hf.experiments.demo import DemoSeedSetup, register_demo_tasks
 from saft_hf.experiments.pipeline import experiment_stages
-from saft_hf.experiments.study import quiet_console, run_seeds, summarize, write_study
+from saft_hf.experiments.study import cpu_seconds, quiet_console, run_seeds, summarize, write_study
 from saft_hf.parser import SaftParser
 
 CONFIG = Path(__file__).parent / "configs" / "demo_experiment.yaml"
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, _ = SaftParser(DemoArguments, config_option=False, description=__doc__).parse_args_and_config(argv)
     started = time.perf_counter()
     quiet_console()
+    torch.set_num_threads(1)  # tiny models: a second thread slows them down (the heat-map 40x with a busy core)
     register_demo_tasks()
     output_dir = Path(args.output_dir)
     setup = DemoSeedSetup(
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wall = time.perf_counter() - started
     command = "python recipes/demo.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    extra = {"command": command.strip(), "wall_time_seconds": wall, "heatmaps": heatmaps}
+    extra = {"command": command.strip(), "wall_time_seconds": wall, "cpu_seconds": cpu_seconds(), "heatmaps": heatmaps}
     study = write_study(output_dir, rows, results, baseline=args.baseline, extra=extra)
     print()
     print(study["table_markdown"])

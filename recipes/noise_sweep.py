@@ -17,13 +17,16 @@ GPU machine with Hub access (CLIP ViT-B/32 on RESISC45 and EuroSAT):
 
 `--config FILE.yaml` supplies any field of `NoiseSweepArguments`; flags override it. Its `finetune_configs` are
 `recipes/finetune.py` config files (relative paths are relative to the sweep config file), layered in order; the
-sweep adds `--task`, `--learning_rate`, `--per_device_train_batch_size`, `--weight_decay`, `--data_seed` and
-`--output_dir` for each run. The batch size of the grid is the number of samples per optimizer step (what the noise
-scale counts), split over gradient accumulation and processes.
+sweep adds `--task`, `--seed`, `--learning_rate`, `--per_device_train_batch_size`, `--weight_decay`, `--data_seed`
+and `--output_dir` for each run (and `--tiny_model_seed` when the configs build a tiny model). The batch size of
+the grid is the number of samples per optimizer step (what the noise scale counts), split over gradient accumulation
+and processes.
 
-Outputs in `output_dir`: `runs/<setting>/<task>_data<seed>/` (the fine-tunes), the table
-`merge_gain_vs_noise.{csv,json}`, its figures, `interpolation_curves.png` and `noise_sweep_config.yaml` (the resolved
-arguments; `--config` it to run the sweep again). Resumable: finished runs of the same configuration are reused.
+`seeds` repeats the sweep; each setting's gains are reported over them as the multi-seed study reports its merges
+(mean, 95% Student t interval, seeds won). Outputs in `output_dir`: `runs/<setting>/seed<s>/<task>_data<d>/` (the
+fine-tunes), the table `merge_gain_vs_noise.{csv,json}`, its figures, `interpolation_curves.png` and
+`noise_sweep_config.yaml` (the resolved arguments; `--config` it to run the sweep again). Resumable: finished runs of
+the same configuration are reused.
 """
 
 import logging

@@ -20,9 +20,11 @@ search sets).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import evaluate
@@ -86,6 +88,31 @@ def _is_full_clip(name_or_path: str) -> bool:
         return AutoConfig.from_pretrained(name_or_path).model_type == "clip"
     except (OSError, ValueError):
         return False
+
+
+def _folder_stamp(name_or_path: str) -> tuple:
+    """The name, size and modification time of a local folder's files (empty for a Hub id): a folder rewritten with
+    other weights gets another stamp."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+
+
+_LOADED_CLIP: dict[tuple, tuple[CLIPModel, PreTrainedTokenizerBase]] = {}
+
+
+def _full_clip_copy(name_or_path: str) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
+    """A fresh copy of the full CLIPModel at `name_or_path`, with its tokenizer (shared: only read), loaded once per
+    process and folder content. A coefficient search scores dozens of merged state dicts on one base, and loading
+    the base from disk costs more than scoring a small model; one base is kept at a time, bounding the memory to one
+    extra copy."""
+    key = (name_or_path, _folder_stamp(name_or_path))
+    if key not in _LOADED_CLIP:
+        _LOADED_CLIP.clear()
+        _LOADED_CLIP[key] = CLIPModel.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path)
+    clip, tokenizer = _LOADED_CLIP[key]
+    return copy.deepcopy(clip), tokenizer
 
 
 def _adapter_base(path: str, base: str | os.PathLike | None) -> str:
@@ -176,9 +203,8 @@ def load_image_classifier(
         and not _has_file(str(model_or_path), HEAD_FILE)
         and _is_full_clip(str(model_or_path))
     ):
-        clip = CLIPModel.from_pretrained(model_or_path)
+        clip, tokenizer = _full_clip_copy(str(model_or_path))
         load_weights_(clip, state_dict)
-        tokenizer = AutoTokenizer.from_pretrained(model_or_path)
         merged_head = build_zero_shot_head(clip, task.class_names, task.templates, tokenizer)
         return CLIPVisionClassifier(clip.config.vision_config, merged_head, clip.vision_model)
     return load_state(_image_classifier(model_or_path, task, base, head), state_dict, finetune_mode)

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     CLIPTokenizer,
     T5Config,
@@ -156,9 +156,12 @@ def tiny_t5_config(vocab_size: int | None = None) -> T5Config:
     )
 
 
-def tiny_clip_processor() -> CLIPImageProcessor:
+def tiny_clip_processor() -> transformers.CLIPImageProcessor:
     """The CLIP image pre-processing (resize shortest edge, centre crop, CLIP mean/std) at the tiny image size."""
-    return CLIPImageProcessor(
+    # Looked up when called, not imported with this module: without torchvision, transformers warns on the first
+    # access to `CLIPImageProcessor` (falling back to its PIL backend), which at import time would reach the console
+    # of every process importing saft_hf.finetuning before a study can quiet it (`quiet_console`).
+    return transformers.CLIPImageProcessor(
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     )
 
@@ -169,7 +172,7 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessor]:
+def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer, transformers.CLIPImageProcessor]:
     """A randomly initialised tiny `CLIPModel` with its tokenizer and image processor (same seed, same weights)."""
     tokenizer = build_tiny_clip_tokenizer()
     config = tiny_clip_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)

@@ -2,6 +2,9 @@
 and a reduced demo run writes the tables, the merged model folder with its card and recipe, and the heat-map."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,6 +76,16 @@ def test_pretraining_is_cached_by_its_settings_and_redone_when_they_change(tmp_p
     # The saved folder is a complete CLIPModel: it scores a task zero-shot like any Hub checkpoint.
     assert "accuracy" in evaluate_model(folder, "demo_parity", "test", max_samples=16, progress=False)
     assert "text_model.embeddings.token_embedding.weight" in load_file(weights)
+
+
+def test_a_seed_worker_importing_the_demo_prints_nothing():
+    # A spawned worker imports recipes/demo.py as `__mp_main__` before its initializer quiets the console: anything
+    # the imports print (transformers' torchvision note on CLIPImageProcessor, ...) would reach the user once per
+    # worker. The in-process console test cannot see it (those warnings fire once per process, at collection).
+    code = f"import runpy; runpy.run_path({str(RECIPES / 'demo.py')!r}, run_name='__mp_main__')"
+    environment = os.environ | {"PYTHONPATH": str(RECIPES.parent), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and (done.stdout, done.stderr) == ("", "")
 
 
 @pytest.mark.slow

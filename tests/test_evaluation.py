@@ -168,6 +168,35 @@ def test_vision_accuracy_equals_a_hand_count(tmp_path, clip_dir, processor, rows
     assert result == {"accuracy": expected, "num_samples": NUM_ROWS}
 
 
+def test_merges_scored_on_one_base_folder_load_it_once_and_do_not_leak_into_each_other(
+    tmp_path, clip_dir, processor, rows, monkeypatch
+):
+    loads = []
+    original = CLIPModel.from_pretrained
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *a, **k: loads.append(a[-1]) or original(*a, **k))
+    base = tmp_path / "base"
+    original(clip_dir).save_pretrained(base)
+    AutoTokenizer.from_pretrained(clip_dir).save_pretrained(base)
+
+    def score(merged, data):
+        kwargs = dict(data=data, processor=processor, batch_size=8, device="cpu", progress=False)
+        return evaluate_model(base, DIGITS, state_dict=merged.state_dict(), **kwargs)
+
+    for seed in (8, 9, 8):  # each merge's own weights, the last one again after another
+        merged = original(clip_dir)
+        _perturb_(merged, seed=seed)
+        merged.save_pretrained(tmp_path / f"merged_{seed}")
+        AutoTokenizer.from_pretrained(clip_dir).save_pretrained(tmp_path / f"merged_{seed}")
+        reference = CLIPVisionClassifier.from_clip(tmp_path / f"merged_{seed}", DIGITS.class_names, DIGITS.templates)
+        data, expected = _planted(rows, _predictions(reference, processor, rows))
+        assert score(merged, data) == {"accuracy": expected, "num_samples": NUM_ROWS}
+    assert [str(path) for path in loads if str(path) == str(base)] == [str(base)]
+    # A base folder rewritten in place is loaded again.
+    original(clip_dir).save_pretrained(base)
+    score(merged, data)
+    assert [str(path) for path in loads if str(path) == str(base)] == [str(base)] * 2
+
+
 def test_max_samples_and_registered_splits(clip_dir, processor):
     test = DIGITS.load()["test"]
     predictions = _predictions(_classifier(clip_dir), processor, test.select(range(12)))

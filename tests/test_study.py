@@ -11,6 +11,7 @@ from saft_hf.experiments.statistics import paired_difference, t_interval
 from saft_hf.experiments.study import (
     README_HEADING,
     SeedResult,
+    cost_gain_points,
     decision,
     readme_section,
     summarize,
@@ -153,6 +154,25 @@ def test_write_study_writes_table_summary_and_figures(seeds, tmp_path):
     assert {"merged_mean", "merged_low", "merged_high", "difference_wins", "notes"} <= set(header)
     for name in ("study_merged.png", "study_cost_gain.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_gain_points_put_each_familys_time_ratio_against_its_paired_gain(seeds, tmp_path):
+    rows = summarize(seeds, ["a", "b"], "sgd")
+    points = cost_gain_points(rows, "sgd", ("task_arithmetic", "searched"))
+    # mean times: sgd (10 + 12 + 11) / 3 = 11 s, saft (20 + 22 + 24) / 3 = 22 s; saft's gain: +5, +5, -10 pp
+    assert [(p.family, p.time_ratio, p.wins) for p in points] == [("sgd", 1.0, None), ("saft", 2.0, 2)]
+    assert points[0].gain.mean == 0.0 and math.isnan(points[0].gain.low)
+    half = T_975[2] * math.sqrt((25 + 25 + 100) / 2) / math.sqrt(3)
+    assert points[1].gain.mean == pytest.approx(0.0, abs=1e-9)
+    assert (points[1].gain.low, points[1].gain.high) == pytest.approx((-half, half))
+    # The summary records the plotted points.
+    saved = write_study(tmp_path, rows, seeds, baseline="sgd")["cost_gain"]
+    assert saved["merge"] == "task_arithmetic (searched)"
+    assert [(p["family"], p["time_ratio"], p["wins"]) for p in saved["points"]] == [
+        ("sgd", 1.0, None),
+        ("saft", 2.0, 2),
+    ]
+    assert saved["points"][1]["gain"]["half_width"] == pytest.approx(half)
 
 
 def test_readme_demo_section_is_generated_from_the_committed_study_summary():

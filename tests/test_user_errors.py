@@ -35,8 +35,8 @@ ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "SAF
     "PYTHONPATH": str(REPO),
     "OMP_NUM_THREADS": "1",
 }
-# transformers prints this on importing CLIPImageProcessor (saft_hf.testing does) where torchvision is not installed:
-# a note about the environment, not an error of the run.
+# transformers prints this on the first use of CLIPImageProcessor where torchvision is not installed (a tiny CLIP
+# built from a config uses it): a note about the environment, not an error of the run.
 TORCHVISION_NOTE = "requires torchvision (not installed)"
 
 

@@ -32,6 +32,7 @@ from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, TASKS, get_task, load_digits_sp
 from ..evaluation import classification_metrics
 from ..io import atomic_output_dir
 from ..layout import PRETRAINING_RECORD_NAME
+from ..testing import build_tiny_clip
 from .config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -142,8 +143,6 @@ def pretrain_tiny_clip(
             output_dir,
             ", ".join(f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in settings.items() if recorded.get(k) != v),
         )
-    from ..testing import build_tiny_clip  # here, not at import: it warns about torchvision before a quiet console
-
     register_demo_tasks()
     task = get_task(PRETRAINING_TASK)
     clip, tokenizer, processor = build_tiny_clip(seed)

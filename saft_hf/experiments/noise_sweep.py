@@ -15,9 +15,16 @@ log), then measure two merge gains:
 The x-axis is the noise scale each run logged, averaged over its logs and over the setting's runs (with a decaying
 schedule it is below the peak `lr / (B (1 - beta1)^2)`).
 
-Outputs in `output_dir`: `runs/<setting>/<task>_data<seed>/` (one fine-tune each, with its `trainer_state.json`),
-`runs/<setting>/interpolation.{csv,json}` and `task_arithmetic.{csv,json}`, the table `merge_gain_vs_noise.{csv,json}`
-(one row per setting), the figures `merge_gain_vs_noise_interpolation.png`,
+The whole sweep is repeated for every seed of `seeds` (seed s fine-tunes with `--seed s`, and from its own tiny
+model `--tiny_model_seed s` when the configs build one), and each setting's gains are reported as a multi-seed study
+reports them (`saft_hf.experiments.statistics`): the gain is the paired difference, seed by seed, between the merged
+model's accuracy and the single models' (the endpoints' mean; each task's own fine-tune), so the table gives its mean,
+95% Student t interval over the seeds and the seeds where merging won (`gain_statistics`).
+
+Outputs in `output_dir`: `runs/<setting>/seed<s>/<task>_data<d>/` (one fine-tune each, with its
+`trainer_state.json`), `runs/<setting>/seed<s>/interpolation.{csv,json}` and `task_arithmetic.{csv,json}`, the table
+`merge_gain_vs_noise.{csv,json}` (one row per setting with the statistics over seeds; the JSON also holds every
+seed's row), the figures `merge_gain_vs_noise_interpolation.png` (mean gains),
 `merge_gain_vs_noise_task_arithmetic.png` and `interpolation_curves.png`, and `noise_sweep_config.yaml` (the resolved
 arguments; `--config` it to run the sweep again).
 
@@ -60,6 +67,7 @@ from ..finetuning import RESOLVED_CONFIG_FILE, ModelArguments, parse_finetune_ar
 from ..finetuning import run as run_finetune
 from ..io import write_atomically
 from ..parser import SaftParser
+from .statistics import Interval, paired_difference, t_interval
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +111,13 @@ class NoiseSweepArguments:
             "runs use the first, so the interpolation task's first run serves both merges when it is one of them."
         },
     )
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={
+            "help": "Repetitions of the sweep: seed s fine-tunes with --seed s (and --tiny_model_seed s when the "
+            "configs build a tiny model); gains are reported with their 95% Student t interval over the seeds."
+        },
+    )
     interpolation_alpha: float = field(
         default=0.5, metadata={"help": "Interpolation coefficient a of the merged model (the paper uses 0.5)."}
     )
@@ -132,7 +147,7 @@ class NoiseSweepArguments:
         for name in required:
             if not getattr(self, name):
                 raise ValueError(f"{name} is required: set it in the --config file or with --{name}.")
-        for name in ("learning_rates", "batch_sizes", "weight_decays", "data_seeds"):
+        for name in ("learning_rates", "batch_sizes", "weight_decays", "data_seeds", "seeds"):
             _refuse_repeats(name, getattr(self, name))
         if any(value <= 0 for value in self.learning_rates):
             raise ValueError(f"learning_rates must be > 0, got {self.learning_rates}.")
@@ -140,6 +155,8 @@ class NoiseSweepArguments:
             raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}.")
         if any(value < 0 for value in self.weight_decays):
             raise ValueError(f"weight_decays must be >= 0, got {self.weight_decays}.")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed.")
         if len(self.data_seeds) != 2:
             raise ValueError(f"data_seeds must be two different seeds, got {self.data_seeds}.")
         if len(self.arithmetic_tasks) < 2 or len(set(self.arithmetic_tasks)) != len(self.arithmetic_tasks):
@@ -199,6 +216,7 @@ class Run:
     task: str
     data_seed: int
     folder: Path
+    seed: int = 0
 
 
 def grid(args: NoiseSweepArguments) -> list[Setting]:
@@ -211,11 +229,13 @@ def grid(args: NoiseSweepArguments) -> list[Setting]:
     return settings
 
 
-def runs_of(args: NoiseSweepArguments, setting: Setting) -> tuple[tuple[Run, Run], tuple[Run, ...]]:
-    """The setting's two interpolated runs and its task-arithmetic runs (a run both merges need appears once)."""
+def runs_of(args: NoiseSweepArguments, setting: Setting, seed: int) -> tuple[tuple[Run, Run], tuple[Run, ...]]:
+    """The setting's two interpolated runs and its task-arithmetic runs of `seed` (a run both merges need appears
+    once)."""
+    folder = Path(args.output_dir) / "runs" / setting.name / f"seed{seed}"
 
     def run(task: str, data_seed: int) -> Run:
-        return Run(setting, task, data_seed, Path(args.output_dir) / "runs" / setting.name / f"{task}_data{data_seed}")
+        return Run(setting, task, data_seed, folder / f"{task}_data{data_seed}", seed)
 
     first, second = args.data_seeds
     return (run(args.interpolation_task, first), run(args.interpolation_task, second)), tuple(
@@ -227,10 +247,14 @@ def _config_flags(args: NoiseSweepArguments) -> list[str]:
     return [item for config in args.finetune_configs for item in ("--config", config)]
 
 
-def finetune_argv(args: NoiseSweepArguments, run: Run, per_device_batch_size: int) -> list[str]:
-    """The fine-tuning command line of `run` (`saft_hf.finetuning.run`, recipes/finetune.py)."""
+def finetune_argv(args: NoiseSweepArguments, run: Run, per_device_batch_size: int, builds_model: bool) -> list[str]:
+    """The fine-tuning command line of `run` (`saft_hf.finetuning.run`, recipes/finetune.py); `builds_model`: the
+    configs build a tiny model from a seed (`tiny_model_seed`), so each seed starts from its own."""
     return [
         *_config_flags(args),
+        "--seed",
+        str(run.seed),
+        *(["--tiny_model_seed", str(run.seed)] if builds_model else []),
         "--task",
         run.task,
         "--learning_rate",
@@ -274,9 +298,9 @@ def _differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[st
     ]
 
 
-def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, state: PartialState) -> bool:
+def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, builds_model: bool, state: PartialState) -> bool:
     """Fine-tune `run` unless its folder holds a finished run of the same configuration; True if it trained."""
-    argv = finetune_argv(args, run, batch)
+    argv = finetune_argv(args, run, batch, builds_model)
     _, _, _, resolved = parse_finetune_args(argv)
     requested = public_config(resolved)
     if (run.folder / RUN_COMPLETE_FILE).is_file():
@@ -299,6 +323,7 @@ def ensure_trained(args: NoiseSweepArguments, run: Run, batch: int, state: Parti
         record = {
             "task": run.task,
             "data_seed": run.data_seed,
+            "seed": run.seed,
             **asdict(run.setting),
             "noise_scale": logged_noise_scale(run.folder),
         }
@@ -324,11 +349,13 @@ def with_prepared_batches(task: AnalysisTask) -> AnalysisTask:
 def measure_setting(
     args: NoiseSweepArguments,
     setting: Setting,
+    seed: int,
     tasks: dict[str, AnalysisTask],
     model_name_or_path: str | None,
 ) -> tuple[dict[str, Any], CurveResult, CurveResult]:
-    """The table row of one setting, with its interpolation curve and per-task task-arithmetic result."""
-    interpolated, arithmetic = runs_of(args, setting)
+    """The row of one setting and seed, with its interpolation curve and per-task task-arithmetic result (`tasks`
+    hold the seed's pre-trained model: the runs' common start)."""
+    interpolated, arithmetic = runs_of(args, setting, seed)
     model = tasks[args.interpolation_task].model
     vectors = {
         run.folder: load_task_vectors(base_model_of(run, model_name_or_path), [str(run.folder)], model)[0]
@@ -353,10 +380,12 @@ def measure_setting(
     single = merged.series["accuracy_single"]
     row = {
         "setting": setting.name,
+        "seed": seed,
         **asdict(setting),
         "noise_scale": sum(noise_scales) / len(noise_scales),
         "interpolation_accuracy_a": curve.summary["accuracy_single_a"],
         "interpolation_accuracy_b": curve.summary["accuracy_single_b"],
+        "interpolation_accuracy_single": (curve.summary["accuracy_single_a"] + curve.summary["accuracy_single_b"]) / 2,
         "interpolation_accuracy_merged": curve.summary["accuracy_merged"],
         "interpolation_accuracy_gain": curve.summary["accuracy_gain"],
         "interpolation_loss_gain": curve.summary["loss_gain"],
@@ -368,26 +397,56 @@ def measure_setting(
     return row, curve, merged
 
 
-def write_table(rows: list[dict[str, Any]], args: NoiseSweepArguments, runs: list[dict[str, Any]]) -> Path:
-    """`merge_gain_vs_noise.csv` (one row per setting) and `.json` (the rows, the sweep's arguments, every run)."""
+MERGES = ("interpolation", "arithmetic")  # the per-seed rows' column prefixes of the two merges
+
+
+def gain_statistics(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's row over its seeds' rows (`measure_setting`): mean noise scale, and per merge the mean merged
+    accuracy and the gain as the paired difference of merged minus single accuracy over the seeds (mean, 95% Student
+    t interval, NaN bounds with one seed, and the seeds where the merge beat the single models)."""
+    first = per_seed[0]
+    row = {name: first[name] for name in ("setting", "learning_rate", "batch_size", "weight_decay")}
+    row |= {"seeds": len(per_seed), "noise_scale": t_interval([r["noise_scale"] for r in per_seed]).mean}
+    for merge in MERGES:
+        merged = {r["seed"]: r[f"{merge}_accuracy_merged"] for r in per_seed}
+        gain = paired_difference(merged, {r["seed"]: r[f"{merge}_accuracy_single"] for r in per_seed})
+        row |= {
+            f"{merge}_accuracy_merged": t_interval(list(merged.values())).mean,
+            f"{merge}_accuracy_gain": gain.interval.mean,
+            f"{merge}_accuracy_gain_low": gain.interval.low,
+            f"{merge}_accuracy_gain_high": gain.interval.high,
+            f"{merge}_accuracy_gain_wins": gain.wins,
+        }
+    row["interpolation_loss_gain"] = t_interval([r["interpolation_loss_gain"] for r in per_seed]).mean
+    row["arithmetic_normalized_accuracy"] = t_interval([r["arithmetic_normalized_accuracy"] for r in per_seed]).mean
+    return row
+
+
+def write_table(
+    rows: list[dict[str, Any]], args: NoiseSweepArguments, runs: list[dict[str, Any]], per_seed: list[dict[str, Any]]
+) -> Path:
+    """`merge_gain_vs_noise.csv` (one row per setting, `gain_statistics`) and `.json` (those rows, every seed's row,
+    the sweep's arguments, every run)."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     folder = Path(args.output_dir)
     csv_path = write_atomically(folder / f"{TABLE_STEM}.csv", lambda f: f.write(buffer.getvalue()))
-    text = json.dumps({"arguments": asdict(args), "rows": rows, "runs": runs}, indent=2)
+    document = {"arguments": asdict(args), "rows": rows, "per_seed": per_seed, "runs": runs}
+    text = json.dumps(document, indent=2, default=lambda value: None if value != value else value)
     write_atomically(folder / f"{TABLE_STEM}.json", lambda f: f.write(text + "\n"))
     return csv_path
 
 
 def plot_gains(rows: list[dict[str, Any]], settings: list[Setting], args: NoiseSweepArguments) -> list[Path]:
-    """Both gains against the noise scale, one line per batch size and weight decay."""
+    """Both gains (the mean over seeds) against the noise scale, one line per batch size and weight decay."""
     figures = []
     for merge, stem, ylabel in (
         ("interpolation", "interpolation", f"linear-interpolation accuracy gain (a = {args.interpolation_alpha:g})"),
         ("arithmetic", "task_arithmetic", f"task-arithmetic accuracy gain (α = {args.arithmetic_alpha:g})"),
     ):
+        ylabel += f", mean of {len(args.seeds)} seed(s)"
         points: dict[str, list[tuple[float, float]]] = {}
         for setting, row in zip(settings, rows):
             points.setdefault(setting.line, []).append((row["noise_scale"], row[f"{merge}_accuracy_gain"]))
@@ -397,70 +456,85 @@ def plot_gains(rows: list[dict[str, Any]], settings: list[Setting], args: NoiseS
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The headline columns as a Markdown table."""
-    columns = {
-        "setting": "{}",
-        "noise_scale": "{:.3g}",
-        "interpolation_accuracy_merged": "{:.4f}",
-        "interpolation_accuracy_gain": "{:+.4f}",
-        "arithmetic_accuracy_merged": "{:.4f}",
-        "arithmetic_accuracy_gain": "{:+.4f}",
-    }
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """The headline columns as a Markdown table: accuracies in %, gains in pp with their 95% interval over the seeds
+    and the seeds won."""
+    header = ["setting", "noise_scale", "seeds"] + [f"{merge} {what}" for merge in MERGES for what in ("acc", "gain")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(form.format(row[name]) for name, form in columns.items()) + " |")
+        cells = [row["setting"], f"{row['noise_scale']:.3g}", str(row["seeds"])]
+        for merge in MERGES:
+            name = f"{merge}_accuracy_gain"
+            gain = Interval(*(100 * row[name + suffix] for suffix in ("", "_low", "_high")), row["seeds"])
+            cells += [
+                f"{100 * row[f'{merge}_accuracy_merged']:.2f}",
+                f"{gain.format(signed=True)} pp, {row[name + '_wins']}/{row['seeds']}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run_noise_sweep(args: NoiseSweepArguments) -> dict[str, Any]:
-    """Train what is missing, measure every setting, write the tables and figures; returns the rows, the runs
-    trained now, every run and the files written (on the main process; the others return no rows)."""
+    """Train what is missing, measure every setting and seed, write the tables and figures; returns the rows (over
+    seeds, `gain_statistics`), every seed's row, the runs trained now, every run and the files written (on the main
+    process; the others return no rows)."""
     settings = grid(args)
     model_args, training_args = common_finetune_arguments(args)
     batches = {batch: per_device_batch_size(batch, training_args) for batch in args.batch_sizes}
+    builds_model = model_args.tiny_model_seed is not None
     state = PartialState()  # the one the fine-tunes' TrainingArguments set up
     output_dir = Path(args.output_dir)
     trained, runs = [], []
-    for setting in settings:
-        interpolated, arithmetic = runs_of(args, setting)
-        for run in dict.fromkeys((*interpolated, *arithmetic)):
-            if ensure_trained(args, run, batches[setting.batch_size], state):
-                trained.append(str(run.folder))
-            runs.append(
-                {
-                    "folder": str(run.folder),
-                    "task": run.task,
-                    "data_seed": run.data_seed,
-                    "setting": setting.name,
-                    "noise_scale": logged_noise_scale(run.folder),
-                }
-            )
+    for seed in args.seeds:
+        for setting in settings:
+            interpolated, arithmetic = runs_of(args, setting, seed)
+            for run in dict.fromkeys((*interpolated, *arithmetic)):
+                if ensure_trained(args, run, batches[setting.batch_size], builds_model, state):
+                    trained.append(str(run.folder))
+                runs.append(
+                    {
+                        "folder": str(run.folder),
+                        "task": run.task,
+                        "data_seed": run.data_seed,
+                        "seed": seed,
+                        "setting": setting.name,
+                        "noise_scale": logged_noise_scale(run.folder),
+                    }
+                )
     if not state.is_main_process:
-        return {"rows": [], "trained": trained, "runs": runs, "files": []}
+        return {"rows": [], "per_seed": [], "trained": trained, "runs": runs, "files": []}
 
-    first_run = runs_of(args, settings[0])[0][0]
     task_names = list(dict.fromkeys((args.interpolation_task, *args.arithmetic_tasks)))
-    analysis_tasks = build_analysis_tasks(
-        base_model_of(first_run, model_args.model_name_or_path),
-        task_names,
-        split=args.eval_split,
-        max_examples=args.max_eval_examples or None,
-        batch_size=args.eval_batch_size,
-        device=args.device,
-    )
-    tasks = {name: with_prepared_batches(task) for name, task in zip(task_names, analysis_tasks)}
-    rows, curves = [], {}
-    for setting in settings:
-        logger.info("measuring the merges of %s", setting.name)
-        row, curve, merged = measure_setting(args, setting, tasks, model_args.model_name_or_path)
-        setting_folder = output_dir / "runs" / setting.name
-        curve.save(setting_folder, "interpolation")
-        merged.save(setting_folder, "task_arithmetic")
-        rows.append(row)
-        curves[setting.name] = curve
+    per_seed, curves = [], {}
+    for seed in args.seeds:
+        # The seed's pre-trained model (every run of a seed starts from it): the analysis model and its heads.
+        base = base_model_of(runs_of(args, settings[0], seed)[0][0], model_args.model_name_or_path)
+        analysis_tasks = build_analysis_tasks(
+            base,
+            task_names,
+            split=args.eval_split,
+            max_examples=args.max_eval_examples or None,
+            batch_size=args.eval_batch_size,
+            device=args.device,
+        )
+        tasks = {name: with_prepared_batches(task) for name, task in zip(task_names, analysis_tasks)}
+        for setting in settings:
+            logger.info("measuring the merges of %s, seed %d", setting.name, seed)
+            row, curve, merged = measure_setting(args, setting, seed, tasks, model_args.model_name_or_path)
+            seed_folder = output_dir / "runs" / setting.name / f"seed{seed}"
+            curve.save(seed_folder, "interpolation")
+            merged.save(seed_folder, "task_arithmetic")
+            per_seed.append(row)
+            curves.setdefault(setting.name, curve)  # the figure of curves shows the first seed's
+    rows = [gain_statistics([row for row in per_seed if row["setting"] == setting.name]) for setting in settings]
     config_text = yaml.safe_dump(asdict(args), sort_keys=False)
-    files = [write_table(rows, args, runs), *plot_gains(rows, settings, args)]
+    files = [write_table(rows, args, runs, per_seed), *plot_gains(rows, settings, args)]
     files.append(write_atomically(output_dir / SWEEP_CONFIG_FILE, lambda f: f.write(config_text)))
-    title = f"{args.interpolation_task}: (1 − a) θ_A + a θ_B of two data orders"
+    title = f"{args.interpolation_task}: (1 − a) θ_A + a θ_B of two data orders (seed {args.seeds[0]})"
     files.append(plot_interpolation(curves, output_dir / "interpolation_curves.png", title=title))
-    return {"rows": rows, "trained": trained, "runs": runs, "files": [str(path) for path in files]}
+    return {
+        "rows": rows,
+        "per_seed": per_seed,
+        "trained": trained,
+        "runs": runs,
+        "files": [str(path) for path in files],
+    }

@@ -19,7 +19,8 @@ README text states.
 
 Outputs: `study.md` / `study.csv` (the table), `study_summary.json` (everything, with the verdict sentences),
 `study_merged.png` (merged accuracy and the paired difference with error bars, method x family) and
-`study_cost_gain.png` (gain over the baseline against fine-tuning time). The verdict is computed from the numbers.
+`study_cost_gain.png` (each family's gain over the baseline against its fine-tuning time relative to the baseline's,
+`cost_gain_points`; the points are in the summary too). The verdict is computed from the numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import resource
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -108,6 +110,13 @@ def quiet_console() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes (the seed workers): with other
+    jobs on the machine, the wall time says little, the CPU time what the study cost."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def training_seconds(config: ExperimentConfig) -> dict[str, float]:
@@ -469,6 +478,13 @@ def write_study(
         "table_markdown": markdown,
         "per_seed_folders": {str(result.seed): result.output_dir for result in seeds},
         "finetune_settings": seeds[0].finetune_settings if seeds else {},
+        "cost_gain": {
+            "merge": _label(*headline),
+            "points": [
+                {"family": p.family, "time_ratio": p.time_ratio, "gain": _interval_record(p.gain), "wins": p.wins}
+                for p in cost_gain_points(rows, baseline, headline)
+            ],
+        },
         "figures": [str(path) for path in plot_study(folder, rows, baseline, headline)],
         **(extra or {}),
     }
@@ -497,7 +513,13 @@ def readme_section(summary: Mapping[str, Any], summary_path: str) -> str:
         f"Generated from `{summary_path}`, the summary of `{summary['command']}` (`make demo`'s settings) on "
         f"{machine['cpus']} CPU cores ({machine['platform']}), seeds {summary['seeds'][0]}-{summary['seeds'][-1]}, "
         f"{summary['wall_time_seconds']:.0f} s wall time"
-        f"{' (over the 5-minute target)' if summary['wall_time_seconds'] > 300 else ''} (load average at the end "
+        f"{' (over the 5-minute target)' if summary['wall_time_seconds'] > 300 else ''}"
+        + (
+            f", {summary['cpu_seconds']:.0f} s CPU time (user + system, all processes)"
+            if "cpu_seconds" in summary
+            else ""
+        )
+        + f" (load average at the end "
         f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}). Each seed pre-trains its own tiny CLIP, "
         f"fine-tunes the four digit tasks with {_families_text(summary)}, merges each family and scores the merges on "
         f"the test splits. Intervals: {summary['interval']}; Δ is a family minus {summary['baseline']} on the same "
@@ -574,10 +596,37 @@ def _families_text(summary: Mapping[str, Any]) -> str:
     return listed + budget
 
 
+@dataclass(frozen=True)
+class CostGain:
+    """One family's point of the cost-gain figure: its fine-tuning time relative to the baseline's and the
+    headline merge's paired gain over the baseline (zero, without an interval, for the baseline itself)."""
+
+    family: str
+    time_ratio: float  # mean fine-tuning time over seeds / the baseline's
+    gain: Interval  # pp
+    wins: int | None = None
+
+
+def cost_gain_points(rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[CostGain]:
+    """The data of `study_cost_gain.png`: per family, its time ratio to the baseline and its paired gain under the
+    `headline` (method, setting), in the rows' order."""
+    chosen = [row for row in rows if (row.method, row.setting) == headline]
+    reference = next((row.training_seconds.mean for row in chosen if row.family == baseline), math.nan)
+    return [
+        CostGain(
+            row.family,
+            row.training_seconds.mean / reference,
+            row.difference.interval if row.difference else Interval(0.0, math.nan, math.nan, row.merged.n),
+            row.difference.wins if row.difference else None,
+        )
+        for row in chosen
+    ]
+
+
 def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: tuple[str, str]) -> list[Path]:
     """`study_merged.png` (per merge: each family's merged accuracy and its paired difference to the baseline, with
     95% error bars) and `study_cost_gain.png` (the headline merge's gain over the baseline against fine-tuning
-    time, per family)."""
+    time ratio, per family: `cost_gain_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,20 +661,11 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
-        if (row.method, row.setting) == headline:
-            gain = row.difference.interval if row.difference else Interval(0.0, 0.0, 0.0, row.merged.n)
-            axis.errorbar(
-                [row.training_seconds.mean],
-                [gain.mean],
-                fmt="o",
-                capsize=3,
-                label=row.family,
-                xerr=[[0.0 if math.isnan(row.training_seconds.low) else row.training_seconds.half_width]],
-                yerr=[[0.0 if math.isnan(gain.low) else gain.half_width]],
-            )
+    for point in cost_gain_points(rows, baseline, headline):
+        error = 0.0 if math.isnan(point.gain.low) else point.gain.half_width
+        axis.errorbar([point.time_ratio], [point.gain.mean], yerr=[[error]], fmt="o", capsize=3, label=point.family)
     axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set_xlabel("fine-tuning time per family (s, all tasks)")
+    axis.set_xlabel(f"fine-tuning time / {baseline}'s (mean over seeds, all tasks)")
     axis.set_ylabel(f"{_label(*headline)}: gain over {baseline} (pp)")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -638,11 +678,14 @@ def plot_study(folder: Path, rows: Sequence[StudyRow], baseline: str, headline: 
 
 __all__ = [
     "SUMMARY_FILE",
+    "CostGain",
     "SeedResult",
     "SeedSetup",
     "StudyRow",
     "README_HEADING",
     "SMOOTHED",
+    "cost_gain_points",
+    "cpu_seconds",
     "decision",
     "finetune_settings",
     "grid_neighbour_scores",
