@@ -14,6 +14,8 @@ CONFIG_NAME = "config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter folder's config
 # Written into every output folder saft_hf owns (saft_hf.io.atomic_output_dir); never pushed.
 OUTPUT_MANIFEST_NAME = ".saft_hf_output.json"
+# Written beside every merged model: the resolved recipe that produced it.
+RECIPE_NAME = "merge_config.yaml"
 # What the demo's pre-training writes beside the model it pre-trains (its settings and metrics).
 PRETRAINING_RECORD_NAME = "pretraining.json"
 TASK_VECTOR_WEIGHTS_NAME = "task_vector"
@@ -57,6 +59,7 @@ __all__ = [
     "HEAD_FILE",
     "OUTPUT_MANIFEST_NAME",
     "PRETRAINING_RECORD_NAME",
+    "RECIPE_NAME",
     "TASK_VECTOR_WEIGHTS_NAME",
     "TASK_VECTOR_WEIGHT_FILES",
     "is_adapter_folder",

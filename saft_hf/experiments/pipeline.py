@@ -50,9 +50,8 @@ from ..evaluation import evaluate_model, label_word_max_new_tokens, load_process
 from ..finetuning import RESOLVED_CONFIG_FILE
 from ..finetuning import run as run_finetune
 from ..io import write_atomically
-from ..layout import is_task_vector_folder
+from ..layout import RECIPE_NAME, is_task_vector_folder
 from ..merging import get_method, merge, search_coefficients, task_accuracy_evaluator
-from ..merging.engine import RECIPE_NAME
 from ..merging.search import paper_grid
 from ..models import generate_texts, match_label_words
 from ..modes import LORA_MODE

@@ -23,20 +23,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from ..errors import UnsafeOutputError
-from ..layout import OUTPUT_MANIFEST_NAME, PRETRAINING_RECORD_NAME
-from .reading import SAFE_INDEX_SUFFIX
+from ..layout import OUTPUT_MANIFEST_NAME, PRETRAINING_RECORD_NAME, RECIPE_NAME, TASK_VECTOR_WEIGHT_FILES
 
 _MANIFEST_FORMAT = "saft_hf.output/1"
 
 
 # Files only saft_hf writes (a merge's recipe, a task vector, the demo's pre-training record): a folder holding one but
 # no manifest was written before manifests existed.
-_LEGACY_MARKERS = (
-    "merge_config.yaml",
-    "task_vector.safetensors",
-    f"task_vector{SAFE_INDEX_SUFFIX}",
-    PRETRAINING_RECORD_NAME,
-)
+_LEGACY_MARKERS = (RECIPE_NAME, *TASK_VECTOR_WEIGHT_FILES, PRETRAINING_RECORD_NAME)
 
 
 _LISTED_NAMES = 3  # names shown in a refusal before "(+N more)"

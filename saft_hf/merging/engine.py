@@ -55,6 +55,7 @@ from ..layout import (
     ADAPTER_CONFIG_NAME,
     CONFIG_NAME,
     HEAD_FILE,
+    RECIPE_NAME,
     is_adapter_folder,
     is_adapter_listing,
     is_task_vector_folder,
@@ -66,12 +67,11 @@ from .config import MergeConfig
 from .finetuning import BASE_FIELD, MODE_FIELD, common_finetune_mode, copy_shared_head, record_finetune_mode
 from .methods import get_method
 
-RECIPE_NAME = "merge_config.yaml"
 # What an input is: a model folder, a saved task vector, or a PEFT LoRA adapter (merged as its dense delta).
 MODEL, TASK_VECTOR, ADAPTER = "model", "task vector", "adapter"
 SEARCH_TABLE_NAME = "search_table"
-# Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
 _NONFINITE_INPUT_ADVICE = "fix the input, or set allow_nonfinite: true in the recipe to merge such values as they are"
+# Base-folder files not copied into the merged folder: weights (rewritten), the base's card and recipe (replaced).
 _NOT_COPIED = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -337,9 +337,10 @@ class MergePlan:
         output is not finite), so the method's arithmetic or the cast overflowed."""
         dtype = self.output_dtype(name)
         result = tensor.to(dtype)
-        if self.config.allow_nonfinite:
+        # One pass over the output on the usual (finite) path: this runs for every tensor of every merge.
+        if self.config.allow_nonfinite or nonfinite_counts(result) == (0, 0):
             return result
-        if parameters is not None and self.method.propagates_nonfinite and nonfinite_counts(result) != (0, 0):
+        if parameters is not None and self.method.propagates_nonfinite:
             self._check_inputs(name)
         causes = []
         if parameters is not None:
@@ -350,13 +351,12 @@ class MergePlan:
         base_dtype = tensor_dtype(self.base.tensors, name)
         if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(base_dtype).max:
             causes.append(f"the output dtype {dtype} (recipe field dtype), narrower than the base's {base_dtype}")
-        check_finite(
+        return check_finite(  # raises: the result is not finite
             result,
             where=f"output tensor {name!r} in {dtype}",
             advice=f"likely cause: {' or '.join(causes)}; fix the recipe, or set allow_nonfinite: true to "
             "write such values",
         )
-        return result
 
     def merged_tensors(self, overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for every base tensor, in the base's order: merged where the inputs cover it, the
