@@ -1,7 +1,7 @@
 """Memory and time of merging T = 2, 4, 8 ViT-B/32-sized vision towers: saft_hf vs mergekit vs a naive merge.
 
     python benchmarks/merge_scaling.py [--workdir DIR] [--counts 2 4 8] [--methods ties task_arithmetic]
-                                       [--mergekit-python PATH]
+                                       [--mergekit-python PATH] [--repeats 3]
 
 Writes a random `CLIPVisionModel` with `CLIPVisionConfig()` defaults (ViT-B/32: 88M parameters, 350 MB in float32)
 and 8 perturbed copies (fine-tunes: base + 1e-3 N(0, 1), float32) to disk, then runs every (method, T, approach) in
@@ -16,6 +16,9 @@ a fresh process so that peaks do not leak between measurements:
   interpreter `--mergekit-python` (default: this one when it can import mergekit; otherwise the column is skipped
   with a note). mergekit runs with its defaults (torch's intra-op threads included).
 
+Every input file is read once before a method's runs, so that every run (the first one too) reads its inputs from
+the page cache. The two commands run ``--repeats`` times, alternating, so that a change in the machine's load
+touches both; their wall time is the median of the repeats (each repeat is printed), the ratio is of the medians.
 Per run it reports wall time, peak RSS (kernel `VmHWM`, which counts memory-mapped checkpoint pages: reclaimable
 file cache) and peak anonymous memory (`RssAnon` sampled every 2 ms in a thread: what the merge allocates), both
 absolute and above the baseline of a worker that already ran a tiny warm-up merge (so imports and lazily loaded
@@ -30,10 +33,12 @@ the wall times depend on what else the machine runs.
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,9 +210,18 @@ def max_difference(folder: Path, reference: Path) -> float:
     return max(float((ours[name].double() - theirs[name].double()).abs().max()) for name in theirs)
 
 
-def run_commands(workdir: Path, method: str, count: int, mergekit_python: str | None) -> list[dict]:
-    """saft-hf and (when available) mergekit on the same mergekit recipe, each output compared with the naive
-    float64 one, which is then removed."""
+def warm_page_cache(workdir: Path, count: int) -> None:
+    """Read the base's and the first ``count`` fine-tunes' weight files once, so no measured run reads the disk."""
+    for folder in ["base", *(f"ft{index}" for index in range(count))]:
+        with open(workdir / folder / "model.safetensors", "rb") as weights:
+            while weights.read(64 * MB):
+                pass
+
+
+def run_commands(workdir: Path, method: str, count: int, mergekit_python: str | None, repeats: int) -> list[dict]:
+    """saft-hf and (when available) mergekit on the same mergekit recipe, ``repeats`` times each, alternating; a row
+    per approach with the median wall time (``runs``: every repeat's), the largest peaks, and its first output
+    compared with the naive float64 one, which is then removed."""
     recipe = write_recipe(workdir, method, count)
     reference = workdir / f"out-naive-{method}-{count}"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -221,15 +235,30 @@ def run_commands(workdir: Path, method: str, count: int, mergekit_python: str | 
             "--no-copy-tokenizer",
             "--quiet",
         ]
-    rows = []
-    for approach, command in commands.items():
-        output_dir = workdir / f"out-{approach}-{method}-{count}"
-        shutil.rmtree(output_dir, ignore_errors=True)
-        rows.append(run_command([*command, str(output_dir)], approach, method, count, environment))
-        rows[-1]["max_abs_difference"] = max_difference(output_dir, reference)
-        shutil.rmtree(output_dir, ignore_errors=True)
+    # Timed as installed: pip compiles a package's bytecode at install time, which an editable install under
+    # PYTHONDONTWRITEBYTECODE=1 never gets (saft_hf's modules would be compiled again at every start: 30 ms).
+    compileall.compile_dir(ROOT / "saft_hf", quiet=1)
+    runs: dict[str, list[dict]] = {approach: [] for approach in commands}
+    difference = {}
+    for _ in range(repeats):
+        for approach, command in commands.items():
+            output_dir = workdir / f"out-{approach}-{method}-{count}"
+            shutil.rmtree(output_dir, ignore_errors=True)
+            runs[approach].append(run_command([*command, str(output_dir)], approach, method, count, environment))
+            difference.setdefault(approach, max_difference(output_dir, reference))
+            shutil.rmtree(output_dir, ignore_errors=True)
     shutil.rmtree(reference, ignore_errors=True)
-    return rows
+    return [
+        {
+            **repeated[0],
+            "seconds": statistics.median(run["seconds"] for run in repeated),
+            "runs": [run["seconds"] for run in repeated],
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in repeated),
+            "peak_anon_mb": max(run["peak_anon_mb"] for run in repeated),
+            "max_abs_difference": difference[approach],
+        }
+        for approach, repeated in runs.items()
+    ]
 
 
 def default_mergekit_python() -> str | None:
@@ -266,7 +295,7 @@ def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str])
                 above = f"{row['anon_above_baseline_mb']:>14.0f}" if "anon_above_baseline_mb" in row else f"{'':>14}"
                 difference = f"{row['max_abs_difference']:>19.1e}" if "max_abs_difference" in row else f"{'':>19}"
                 print(
-                    f"{method:<16}{count:>3}  {approach:<10}{row['seconds']:>8.1f}{row['peak_rss_mb']:>13.0f}"
+                    f"{method:<16}{count:>3}  {approach:<10}{row['seconds']:>8.2f}{row['peak_rss_mb']:>13.0f}"
                     f"{row['peak_anon_mb']:>14.0f}{above}{difference}"
                 )
     print("\nratios naive / streaming (anon above baseline, peak RSS, wall time):")
@@ -277,7 +306,7 @@ def report(sizes: dict, rows: list[dict], counts: list[int], methods: list[str])
             rss, seconds = naive["peak_rss_mb"] / stream["peak_rss_mb"], naive["seconds"] / stream["seconds"]
             print(f"  {method:<16} T={count}: anon x{anon:.1f}, RSS x{rss:.2f}, time x{seconds:.2f}")
     if "mergekit" in approaches:
-        print("\nwall time / mergekit's (target for saft-hf, start to end: <= 0.25):")
+        print("\nwall time / mergekit's, medians (target for saft-hf, start to end: <= 0.25):")
         for method in methods:
             for count in counts:
                 mergekit = by_key[(method, count, "mergekit")]["seconds"]
@@ -317,6 +346,7 @@ def main() -> None:
         default=default_mergekit_python(),
         help="Python interpreter that can import mergekit (default: this one, if it can).",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each command (median reported).")
     parser.add_argument("--keep", action="store_true", help="Keep the generated checkpoints.")
     parser.add_argument("--worker", nargs=3, metavar=("APPROACH", "METHOD", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,11 +364,13 @@ def main() -> None:
         rows = []
         for method in args.methods:
             for count in args.counts:
+                warm_page_cache(workdir, count)
                 runs = [run_worker(workdir, approach, method, count) for approach in ("streaming", "naive")]
-                runs += run_commands(workdir, method, count, args.mergekit_python)
+                runs += run_commands(workdir, method, count, args.mergekit_python, args.repeats)
                 for row in runs:
+                    each = f" (runs: {', '.join(f'{s:.2f}' for s in row['runs'])})" if "runs" in row else ""
                     print(
-                        f"  {method} T={count} {row['approach']}: {row['seconds']:.1f} s, "
+                        f"  {method} T={count} {row['approach']}: {row['seconds']:.2f} s{each}, "
                         f"peak anon {row['peak_anon_mb']:.0f} MB",
                         flush=True,
                     )

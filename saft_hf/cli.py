@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, run_main
+from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, exit_process, run_main
 from .errors import UnsafeOutputError
 
 PROG = "saft-hf"
@@ -248,5 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_main(run_command, argv, prog=PROG)
 
 
+def console_main() -> NoReturn:
+    """The console script: :func:`main` on ``sys.argv``, then :func:`saft_hf.entrypoint.exit_process` (no
+    interpreter teardown: 0.3 s of a merge that takes 2)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -14,10 +14,14 @@
 
 ``--debug`` anywhere on the command line (removed before ``main`` sees it) or ``SAFT_HF_DEBUG=1`` re-raises every
 error, so its traceback shows.
+
+``exit_process(status)`` ends a command's process without the interpreter's teardown (see its docstring).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import os
 import re
@@ -25,7 +29,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -118,6 +122,24 @@ def run_main(
     return 0
 
 
+def exit_process(status: int) -> NoReturn:
+    """End the process with ``status`` as a normal exit would for the user, minus the interpreter's teardown.
+
+    The atexit handlers run (logging's flush among them) and stdout and stderr are flushed; then ``os._exit`` skips
+    freeing every module and object one by one, which takes 0.25-0.3 s once torch is imported (measured on 2 cores:
+    ``python -c "import torch"`` spends that long after its last statement), a sixth of a whole task arithmetic
+    merge. While a non-daemon thread still runs, the process exits the usual way (``sys.exit``), which waits for it.
+    """
+    current = threading.current_thread()
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate() if thread is not current):
+        sys.exit(status)
+    atexit._run_exitfuncs()  # what sys.exit would run; the module's only way to run them now
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe (`| head`) loses nothing the reader wanted
+            stream.flush()
+    os._exit(status)
+
+
 def _print_line(line: str) -> None:
     sys.stdout.flush()  # what the run printed comes before the error
     print(line, file=sys.stderr, flush=True)
@@ -127,6 +149,7 @@ __all__ = [
     "DEBUG_ENVIRONMENT_VARIABLE",
     "DEBUG_FLAG",
     "Terminated",
+    "exit_process",
     "one_line",
     "run_main",
     "take_debug_flag",

@@ -250,6 +250,39 @@ def test_module_and_merge_recipe_print_one_line(family, tmp_path):
     _assert_one_line(script.stderr, "merge.py: error: colour: unknown field")
 
 
+def test_the_command_exits_with_its_output_flushed_and_the_merge_written(family, tmp_path):
+    # `python -m saft_hf.cli` ends through exit_process (no interpreter teardown): what it printed into a pipe and
+    # the merged folder must both be complete.
+    done = _run("-m", "saft_hf.cli", "merge", str(_recipe(family, tmp_path)), "--no_progress")
+    assert (done.returncode, done.stdout) == (0, f"{tmp_path / 'out'}\n"), done.stderr
+    assert (tmp_path / "out" / "merge_config.yaml").is_file() and (tmp_path / "out" / "README.md").is_file()
+
+
+_EXIT_DRIVER = """
+import atexit, sys, threading, time
+from saft_hf.entrypoint import exit_process
+
+def late():
+    time.sleep(0.5)
+    print("thread done", flush=True)
+
+if sys.argv[1] == "thread":
+    threading.Thread(target=late).start()
+atexit.register(print, "atexit ran")
+sys.stdout.write("no newline yet;")  # buffered: a pipe is block-buffered
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "case, stdout",
+    [("plain", "no newline yet;atexit ran\n"), ("thread", "no newline yet;thread done\natexit ran\n")],
+)
+def test_exit_process_runs_atexit_flushes_and_waits_for_running_threads(case, stdout):
+    done = _run("-c", _EXIT_DRIVER, case)
+    assert (done.returncode, done.stdout, done.stderr) == (3, stdout, "")
+
+
 # Runs saft-hf with the merge's tensor writer replaced: "slow" writes nothing and sleeps once the merge has started
 # writing (and says so by creating the marker file); "full" fails like a full disk.
 _WRITER_DRIVER = """
