@@ -18,7 +18,6 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .hub import is_local, parse_model_ref, public_ref
-from .merging.methods import get_method
 
 __all__ = ["finetune_card", "merged_model_card", "redact_secrets", "task_vector_card"]
 
@@ -93,6 +92,9 @@ def merged_model_card(
     recipe: Mapping[str, Any],
     sources: Sequence[Mapping[str, Any]],
     search_table: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    method_summary: str,
+    method_reference: str,
 ) -> ModelCard:
     """The card of a merged model.
 
@@ -100,22 +102,22 @@ def merged_model_card(
     never Hub lineage (`base_model` metadata).
 
     Args:
-        recipe: the merge recipe, as written next to the merged weights (`MergeConfig.to_dict()`); its method is
-            looked up in the merge-method registry for its summary and paper.
+        recipe: the merge recipe, as written next to the merged weights (`MergeConfig.to_dict()`).
         sources: `{"model", "revision", "weight"}` per input, the base first with `"role": "base"`.
         search_table: one mapping per coefficient-search grid point (parameters and validation scores), if any.
+        method_summary, method_reference: what the recipe's method does and its paper (the merge engine passes
+            the merge-method registry's `summary` and `reference`).
     """
     recipe, sources = redact_secrets(recipe), redact_secrets(list(sources))
     search_table = redact_secrets(list(search_table or []))
     if not recipe.get("method"):
         raise ValueError("The merge recipe has no 'method'.")
-    method = get_method(recipe["method"])
     base_models = _hub_ids([source.get("model") for source in sources])
     card_data = ModelCardData(
         base_model=base_models or None,
         base_model_relation="merge" if base_models else None,
         library_name="transformers",
-        tags=_tags("merge", "saft_hf", method.name),
+        tags=_tags("merge", "saft_hf", recipe["method"]),
     )
     model_id = (recipe.get("push_to_hub") or {}).get("repo_id") or recipe.get("output_dir") or "path/to/merged-model"
     search_columns = list(dict.fromkeys(column for row in search_table for column in row))
@@ -124,9 +126,9 @@ def merged_model_card(
         card_data,
         model_id=model_id,
         model_name=Path(model_id).name,
-        method=method.name,
-        method_summary=method.summary,
-        method_reference=method.reference,
+        method=recipe["method"],
+        method_summary=method_summary,
+        method_reference=method_reference,
         sources=[
             {
                 "role": source.get("role", "model"),

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import hub
+from .cards import task_vector_card
 from .io import (
     CheckpointReader,
     ComputedStateDict,
@@ -354,8 +355,6 @@ class TaskVector(LazyStateDict):
         never by absolute path. It is built in a temporary folder: when the upload fails, ``PushError`` says so,
         and the vector is on disk only where :meth:`save` put it.
         """
-        from .cards import task_vector_card
-
         hub.check_repo_id(repo_id, "repo_id")
         if revision is not None:
             hub.check_revision(revision, "revision")

@@ -1,7 +1,9 @@
 """The package's import graph: layers import downward only.
 
 Every import of a saft_hf module counts, also those inside functions (deferred for start-up time): if one of them
-closed a cycle, it would be an import placed in a function to dodge the cycle, which the house rules forbid."""
+closed a cycle, it would be an import placed in a function to dodge the cycle, which the house rules forbid. So does
+the package initialisation an import implies: importing ``saft_hf.merging.methods`` first runs
+``saft_hf/merging/__init__.py``, and whatever that imports."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """``{module: saft_hf modules it imports}`` over every .py file of the package (a ``from X import y`` counts as
-    importing ``X.y`` when that is a module, else ``X``)."""
+    importing ``X.y`` when that is a module, else ``X``; importing a module counts as importing the packages that hold
+    it, except those that hold the importer, which are already being initialised)."""
     paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for module, path in paths.items():
@@ -41,8 +44,21 @@ def import_graph() -> dict[str, set[str]]:
                 source = _resolve(module, is_package, node)
                 for alias in node.names:
                     targets.add(f"{source}.{alias.name}" if f"{source}.{alias.name}" in paths else source)
-        graph[module] = {target for target in targets if target in paths and target != module}
+        own_packages = _packages(module) | {module}
+        graph[module] = {
+            imported
+            for target in targets
+            if target in paths
+            for imported in _packages(target) | {target}
+            if imported in paths and imported not in own_packages
+        }
     return graph
+
+
+def _packages(module: str) -> set[str]:
+    """The packages that hold ``module``: ``a.b.c`` -> ``{a, a.b}``."""
+    parts = module.split(".")
+    return {".".join(parts[:end]) for end in range(1, len(parts))}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -65,6 +81,13 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if state.get(module) is None and (cycle := visit(module)):
             return cycle
     return None
+
+
+def test_importing_a_module_counts_as_importing_its_packages():
+    graph = import_graph()
+    # cli imports saft_hf.merging.config (deferred), which initialises saft_hf.merging first
+    assert "saft_hf.merging" in graph["saft_hf.cli"]
+    assert "saft_hf.merging" not in graph["saft_hf.merging.engine"]  # its own package is already being initialised
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -39,6 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import hub
+from ..cards import merged_model_card
 from ..io import (
     KeyAlignment,
     ShardedSafetensorsWriter,
@@ -485,9 +486,14 @@ def write_merge(
         (staging / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
         if search_table:
             write_search_table(search_table, staging)
-        from ..cards import merged_model_card
-
-        merged_model_card(recipe, plan.sources(), search_table).save(staging / "README.md")
+        card = merged_model_card(
+            recipe,
+            plan.sources(),
+            search_table,
+            method_summary=plan.method.summary,
+            method_reference=plan.method.reference,
+        )
+        card.save(staging / "README.md")
     if config.push_to_hub is not None:
         repo_id, private = config.push_to_hub.repo_id, config.push_to_hub.private
         retry = f"saft_hf.hub.push_folder('{output_dir}', '{repo_id}'{', private=True' if private else ''})"

@@ -127,6 +127,7 @@ def task_accuracy_evaluator(
     own fine-tuned model) the score is the mean normalized accuracy, the paper's second metric.
     ``evaluate_kwargs`` go to ``evaluate_model`` (``max_samples``, ``batch_size``, ``base``, ``head`` ...).
     """
+    # Deferred: scoring needs transformers, datasets, evaluate and PEFT (seconds to import); merging alone does not.
     from ..evaluation import evaluate_model
 
     missing = [task for task in tasks if reference_accuracy is not None and task not in reference_accuracy]
