@@ -18,6 +18,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .hub import is_local, parse_model_ref, public_ref
+from .layout import SAFT_HF_TAG
 
 __all__ = ["finetune_card", "merged_model_card", "redact_secrets", "task_vector_card"]
 
@@ -117,7 +118,7 @@ def merged_model_card(
         base_model=base_models or None,
         base_model_relation="merge" if base_models else None,
         library_name="transformers",
-        tags=_tags("merge", "saft_hf", recipe["method"]),
+        tags=_tags("merge", SAFT_HF_TAG, recipe["method"]),
     )
     model_id = (recipe.get("push_to_hub") or {}).get("repo_id") or recipe.get("output_dir") or "path/to/merged-model"
     search_columns = list(dict.fromkeys(column for row in search_table for column in row))
@@ -163,7 +164,7 @@ def task_vector_card(metadata: Mapping[str, Any]) -> ModelCard:
         # A task vector is a weight delta applied on top of its base model, which is the Hub's notion of an adapter.
         base_model_relation="adapter" if base_models else None,
         library_name="saft_hf",
-        tags=_tags("saft_hf", "task-vector", metadata.get("sam_mode"), metadata.get("finetune_mode")),
+        tags=_tags(SAFT_HF_TAG, "task-vector", metadata.get("sam_mode"), metadata.get("finetune_mode")),
     )
     model_id = metadata.get("repo_id") or "path/to/task-vector"
     return _render(
@@ -236,7 +237,7 @@ def finetune_card(info: Mapping[str, Any]) -> ModelCard:
         language=info.get("language"),
         license=info.get("license"),
         library_name="peft" if adapter else "transformers",
-        tags=_tags("saft_hf", sam_tag, sam_mode, finetune_mode, *extra_tags),
+        tags=_tags(SAFT_HF_TAG, sam_tag, sam_mode, finetune_mode, *extra_tags),
     )
     model_id = info.get("repo_id") or "path/to/fine-tuned-model"
     sam_settings = {key: value for key, value in info.items() if key.startswith("sam_")}

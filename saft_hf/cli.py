@@ -119,8 +119,13 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     # Deferred to the command that needs them (like every command's imports here): `saft-hf --help` starts fast.
     import torch
 
+    from . import hub
     from .task_vectors import TaskVector
 
+    if args.push_to_hub:  # checked before anything is computed or written
+        hub.check_repo_id(args.push_to_hub, "--push_to_hub")
+        inputs = [("--base", args.base), ("--lora", args.lora) if args.lora else ("--finetuned", args.finetuned)]
+        hub.check_push_target(args.push_to_hub, "task-vector", inputs=inputs)
     recorded = dict(task=args.task, sam_mode=args.sam_mode, sam_rho=args.sam_rho, sam_eta=args.sam_eta)
     if args.lora:
         vector = TaskVector.from_lora(

@@ -32,14 +32,16 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
-from .errors import OutsideFolderError, PushError
-from .layout import CONFIG_NAME, OUTPUT_MANIFEST_NAME, is_task_vector_folder
+from .errors import OutsideFolderError, PushError, UnsafeOutputError
+from .layout import CONFIG_NAME, OUTPUT_KIND_TAGS, OUTPUT_MANIFEST_NAME, SAFT_HF_TAG, is_task_vector_folder
 
 __all__ = [
     "HubListing",
     "PickleWeightsError",
+    "check_push_target",
     "check_recorded_base",
     "check_repo_id",
     "check_revision",
@@ -459,9 +461,12 @@ def push_folder(
     The repo is created if missing (private if asked) and so is the branch `revision`. Weight files on the Hub
     that the folder does not have (say, the shards of an earlier, differently sharded push) are deleted in the
     same commit. `upload_folder` is not used: with Xet enabled it may split a large folder into several commits.
+    An existing repo (branch) that holds anything is replaced only as :func:`check_push_target` allows, judged by
+    the kind of saft_hf output the folder's model card names.
 
     Raises:
         PermissionError: `private=True` but the repo already exists and is public.
+        UnsafeOutputError: the repo holds files saft_hf did not push there as this kind of output.
     """
     check_repo_id(repo_id, "repo_id")
     if revision is not None:
@@ -474,7 +479,9 @@ def push_folder(
         raise ValueError(f"Folder to push '{folder}' is empty.")
     api = HfApi(token=token)
     with _hub_errors(repo_id, revision):
+        # Created first (nothing happens to an existing repo) for the full id a namespace-less `repo_id` gets.
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        check_push_target(repo_id, _output_kind(folder), token=token, revision=revision)
         if private and not api.model_info(repo_id).private:
             raise PermissionError(f"Hub repo '{repo_id}' already exists and is public; refusing a private=True push.")
         if revision is not None:
@@ -485,6 +492,63 @@ def push_folder(
         operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in local_files]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     return commit.oid
+
+
+def check_push_target(
+    repo_id: str,
+    kind: str | None,
+    *,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    inputs: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Refuse a push that would replace what saft_hf did not push, before anything is computed or written.
+
+    A push replaces the repo's files of the same names and deletes its other weight files, so it may only go to a
+    repo (or branch) that does not exist yet, holds nothing but `.gitattributes`, or whose model card carries the
+    `saft_hf` tag and the tag of `kind` (a key of `layout.OUTPUT_KIND_TAGS`: saft_hf pushed the same kind of output
+    there); with `kind=None` only to an empty or new repo. Never to one of the run's `inputs` (`(field, reference)`
+    pairs: a Hub reference names the repo it reads), whatever it holds.
+
+    Raises:
+        UnsafeOutputError: naming the repo, what it holds and what to do.
+    """
+    if "/" not in repo_id:  # the Hub puts it in the token's namespace: push_folder checks the full id it gets back
+        return
+    for field, ref in inputs:
+        if not is_local(ref) and parse_model_ref(ref)[0] == repo_id:
+            raise UnsafeOutputError(
+                f"push_to_hub: Hub repo '{repo_id}' is one of this run's inputs ({field}); push to another repo id"
+            )
+    api = HfApi(token=token)
+    try:
+        with _hub_errors(repo_id, revision):
+            files = set(api.list_repo_files(repo_id, revision=revision)) - {".gitattributes"}
+    except FileNotFoundError:  # no such repo or branch yet: the push creates it
+        return
+    if not files:
+        return
+    tags: list = []
+    if kind is not None and "README.md" in files:
+        with _hub_errors(repo_id, revision):
+            card = Path(hf_hub_download(repo_id, "README.md", revision=revision, token=token))
+        tags = (metadata_load(card) or {}).get("tags") or []
+    if kind is not None and SAFT_HF_TAG in tags and kind in tags:
+        return
+    shown = ", ".join(sorted(files)[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+    what = f"as a {OUTPUT_KIND_TAGS[kind]}" if kind is not None else "(saft_hf only pushes into new or empty repos)"
+    raise UnsafeOutputError(
+        f"push_to_hub: Hub repo {_describe(repo_id, revision)} already holds files saft_hf did not push there "
+        f"{what} ({shown}); push to a new repo id, or remove those files on the Hub first"
+    )
+
+
+def _output_kind(folder: Path) -> str | None:
+    """The kind of saft_hf output (a key of `layout.OUTPUT_KIND_TAGS`) whose card `folder/README.md` is, or None."""
+    card = folder / "README.md"
+    tags = ((metadata_load(card) if card.is_file() else None) or {}).get("tags") or []
+    kinds = [kind for kind in OUTPUT_KIND_TAGS if kind in tags]
+    return kinds[0] if SAFT_HF_TAG in tags and len(kinds) == 1 else None
 
 
 def _failure(error: BaseException) -> str:
@@ -507,5 +571,7 @@ def reporting_push_failure(repo_id: str, local_output: str) -> Iterator[None]:
     must learn that the local output is complete; the original error stays chained (shown with --debug)."""
     try:
         yield
+    except UnsafeOutputError:  # a refused target, not a failed upload: nothing was sent
+        raise
     except Exception as error:
         raise PushError(f"Upload to Hub repo '{repo_id}' failed ({_failure(error)}); {local_output}") from error

@@ -28,6 +28,10 @@ TASK_VECTOR_WEIGHT_FILES = (
 HEAD_FILE = "zero_shot_head.safetensors"
 # The fine-tuning mode a linearised (FTTS) fine-tune, and a merge of such, records in config.json (saft_hf.modes.ftts).
 FTTS_MODE = "ftts"
+# Model-card tags: every card saft_hf writes carries SAFT_HF_TAG; a pushed output's card also carries its kind's tag.
+# A push replaces what the repo holds only when its card carries both (saft_hf.hub.check_push_target).
+SAFT_HF_TAG = "saft_hf"
+OUTPUT_KIND_TAGS = {"merge": "merged model", "task-vector": "task vector"}
 
 
 def is_task_vector_listing(files: Collection[str]) -> bool:
@@ -57,9 +61,11 @@ __all__ = [
     "CONFIG_NAME",
     "FTTS_MODE",
     "HEAD_FILE",
+    "OUTPUT_KIND_TAGS",
     "OUTPUT_MANIFEST_NAME",
     "PRETRAINING_RECORD_NAME",
     "RECIPE_NAME",
+    "SAFT_HF_TAG",
     "TASK_VECTOR_WEIGHTS_NAME",
     "TASK_VECTOR_WEIGHT_FILES",
     "is_adapter_folder",

@@ -352,12 +352,16 @@ class TaskVector(LazyStateDict):
         """Upload the weights and a model card to ``repo_id`` in one commit; return the commit sha.
 
         The pushed copy names local models by folder (:func:`saft_hf.hub.public_ref`) in its metadata and card,
-        never by absolute path. It is built in a temporary folder: when the upload fails, ``PushError`` says so,
-        and the vector is on disk only where :meth:`save` put it.
+        never by absolute path. ``repo_id`` must be new, empty or a task vector saft_hf pushed, and not the base or
+        source model (:func:`saft_hf.hub.check_push_target`), checked before anything is built. The copy is built
+        in a temporary folder: when the upload fails, ``PushError`` says so, and the vector is on disk only where
+        :meth:`save` put it.
         """
         hub.check_repo_id(repo_id, "repo_id")
         if revision is not None:
             hub.check_revision(revision, "revision")
+        sources = [(key, self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)]
+        hub.check_push_target(repo_id, "task-vector", token=token, revision=revision, inputs=sources)
         shown = {key: hub.public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
         pushed = TaskVector(self, {**self.metadata, **shown}, self.tied_weights)
         with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:

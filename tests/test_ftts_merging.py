@@ -72,6 +72,19 @@ def _hand_predictions(classifier, folders, pixel_values, alpha):
     return (value + tangent).argmax(-1).tolist(), plain.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).min()
 
 
+def test_pushed_ftts_merge_of_a_local_base_records_no_local_path(hub_server, tmp_path, family):
+    base, _, folders, _, _ = family
+    merged = merge({**_recipe(base, folders, tmp_path / "merged"), "push_to_hub": "org/ftts-merge"}, progress=False)
+
+    remote = hub_server.state.repos["org/ftts-merge"].resolve("main").files
+    config = json.loads(remote["config.json"].content)
+    # The mode is kept; the base is not named (its absolute path would leave the machine): score with base=.
+    assert config["saft_finetune_mode"] == "ftts" and "saft_base_model" not in config
+    assert remote["config.json"].content == (merged / "config.json").read_bytes()
+    texts = [file.content.decode(errors="ignore") for file in remote.values() if not file.is_lfs]
+    assert not any(str(tmp_path.parent) in text for text in texts)
+
+
 def test_merged_ftts_folder_records_the_mode_keeps_the_head_and_scores_linearised(tmp_path, family):
     base, classifier, folders, rows, pixel_values = family
     merged = merge(_recipe(base, folders, tmp_path / "merged"), progress=False)

@@ -14,8 +14,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, T5Config
 
+from saft_hf.errors import UnsafeOutputError
 from saft_hf.hub import (
     PickleWeightsError,
+    check_push_target,
     check_same_architecture,
     fetch_config,
     is_local,
@@ -34,7 +36,8 @@ def make_model_folder(folder: Path, *, seed: int = 0, max_shard_size: str = "30K
     model = CLIPVisionModel(CLIPVisionConfig(**{**TINY, "image_size": 32, "patch_size": 8, **overrides}))
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     Tokenizer(WordLevel({"[UNK]": 0, "cat": 1, "dog": 2}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
-    (folder / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- test\n---\n\n# tiny\n")
+    # The card of a merged model saft_hf pushed: a later push to the same repo may replace it.
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- merge\n- saft_hf\n---\n\n# tiny\n")
     return folder
 
 
@@ -131,6 +134,51 @@ def test_push_to_a_branch_leaves_main_alone(hub_server, model_folder, tmp_path):
     assert resolved_revision("org/tiny") == main
     assert resolved_revision("org/tiny@experiment") == branch
     assert hub_server.state.repos["org/tiny"].commits[branch].parent == main
+
+
+USER_CARD = b"---\nlicense: mit\ntags:\n- merge\n---\n# my model\n"  # a merge, but not one saft_hf pushed
+TASK_VECTOR_CARD = b"---\ntags:\n- saft_hf\n- task-vector\n---\n# a saft_hf task vector\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "held"),
+    [
+        ({"model.safetensors": b"user weights", "README.md": USER_CARD}, "README.md, model.safetensors"),
+        ({"model.safetensors": b"user weights"}, "model.safetensors"),
+        ({"model.safetensors": b"w", "README.md": TASK_VECTOR_CARD}, "README.md, model.safetensors"),
+        ({f"notes{i}.txt": b"n" for i in range(5)}, "notes0.txt, notes1.txt, notes2.txt (+2 more)"),
+    ],
+    ids=["user-model", "no-card", "other-saft-hf-kind", "many-files"],
+)
+def test_push_never_replaces_a_repo_saft_hf_did_not_push_this_kind_of_output_to(hub_server, model_folder, files, held):
+    before = upload("org/theirs", files)
+
+    with pytest.raises(UnsafeOutputError) as refused:
+        push_folder(model_folder, "org/theirs")
+
+    assert str(refused.value) == (
+        f"push_to_hub: Hub repo 'org/theirs' already holds files saft_hf did not push there as a merged model "
+        f"({held}); push to a new repo id, or remove those files on the Hub first"
+    )
+    assert resolved_revision("org/theirs") == before  # no commit: the user's weights and card are still the head
+
+
+def test_push_target_check_refuses_inputs_and_foreign_repos_before_any_write(hub_server, model_folder, tmp_path):
+    upload("org/base", {"model.safetensors": b"w", "README.md": USER_CARD})
+    push_folder(model_folder, "org/earlier-merge")  # saft_hf's own merge: may be replaced by the next one
+
+    check_push_target("org/new", "merge")  # does not exist yet
+    check_push_target("org/earlier-merge", "merge")
+    check_push_target("org/base", "merge", revision="new-branch")  # a branch that does not exist: main untouched
+    with pytest.raises(UnsafeOutputError, match="'org/earlier-merge' is one of this run's inputs \\(models\\[1\\]\\)"):
+        check_push_target(
+            "org/earlier-merge", "merge", inputs=[("base_model", "org/base"), ("models[1]", "org/earlier-merge@v1")]
+        )
+    with pytest.raises(UnsafeOutputError, match="did not push there as a task vector"):
+        check_push_target("org/earlier-merge", "task-vector")
+    with pytest.raises(UnsafeOutputError, match="saft_hf only pushes into new or empty repos"):
+        check_push_target("org/earlier-merge", None)
+    assert hub_server.state.commits_made("org/new") == []
 
 
 def upload(repo_id: str, files: dict[str, bytes | Path]) -> str:

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionModel
 
 from saft_hf.cards import finetune_card, task_vector_card
-from saft_hf.errors import OutsideFolderError, PushError
+from saft_hf.cli import main as cli_main
+from saft_hf.errors import OutsideFolderError, PushError, UnsafeOutputError
 from saft_hf.hub import fetch_config, push_folder, resolve_model
 from saft_hf.io import CheckpointReader, reading
 from saft_hf.merging import MergeConfig, merge
@@ -284,6 +285,36 @@ def test_failed_merge_push_reports_the_complete_local_output(hub_server, family,
     # The retry the message suggests works.
     sha = push_folder(out, "org/merged")
     assert hub_server.state.commits_made("org/merged") == [sha]
+
+
+def test_merge_refuses_to_push_over_a_model_repo_before_merging(hub_server, family, tmp_path):
+    base_dir, tuned = family
+    theirs = upload("org/their-model", {"model.safetensors": b"their weights", "config.json": b"{}"})
+    out = tmp_path / "out"
+
+    with pytest.raises(UnsafeOutputError, match="^push_to_hub: Hub repo 'org/their-model' already holds files saft_hf"):
+        merge(recipe(base_dir, tuned, out, push_to_hub="org/their-model"), progress=False)
+    assert not out.exists()  # refused before anything was merged or written
+    assert hub_server.state.repos["org/their-model"].resolve("main").oid == theirs
+
+
+def test_task_vector_command_refuses_to_push_into_its_base_before_writing(hub_server, family, tmp_path, capsys):
+    """`saft-hf task-vector --push_to_hub` naming the base's own repo used to delete its weights (a saft_hf card
+    replaced the model's); now it is refused in one line before anything is computed or written."""
+    base_dir, tuned = family
+    base = upload("org/base", {path.name: path for path in base_dir.iterdir() if path.is_file()})
+    out = tmp_path / "tv"
+    command = ["task-vector", "--base", "org/base", "--finetuned", str(tuned[0]), "-o", str(out), "--push_to_hub"]
+    capsys.readouterr()  # the fixture upload's progress bars
+
+    assert cli_main([*command, "org/base"]) == 1
+    assert capsys.readouterr().err == (
+        "saft-hf: error: push_to_hub: Hub repo 'org/base' is one of this run's inputs (--base); push to another repo "
+        "id\n"
+    )
+    assert cli_main([*command, "bad//id"]) == 1
+    assert "--push_to_hub" in capsys.readouterr().err
+    assert not out.exists() and hub_server.state.repos["org/base"].resolve("main").oid == base
 
 
 def test_failed_task_vector_push_says_nothing_is_kept_locally(hub_server, family):

@@ -565,6 +565,10 @@ def test_push_to_hub_uploads_the_finished_folder_once(family, tmp_path, monkeypa
         return "0" * 40
 
     monkeypatch.setattr("saft_hf.hub.push_folder", push_folder)
+    checked = []  # the push target is checked first, with the same token (tests/test_hub.py checks the rule)
+    monkeypatch.setattr(
+        "saft_hf.hub.check_push_target", lambda repo_id, kind, **kw: checked.append((repo_id, kind, kw))
+    )
     merge(
         recipe(family, tmp_path / "out", "ties", push_to_hub={"repo_id": "org/merged", "private": True}),
         token="hf_secret",
@@ -573,6 +577,11 @@ def test_push_to_hub_uploads_the_finished_folder_once(family, tmp_path, monkeypa
     vector = TaskVector.from_models(*family[0:1], family[1][0], task="digits")
     vector.push_to_hub("org/vector", token="hf_secret")
     (merged_push, vector_push) = pushed
+    assert [(repo_id, kind, kw["token"]) for repo_id, kind, kw in checked] == [
+        ("org/merged", "merge", "hf_secret"),
+        ("org/merged", "merge", "hf_secret"),  # again right before writing (check_output_dir)
+        ("org/vector", "task-vector", "hf_secret"),
+    ]
     assert merged_push[:2] == ("org/merged", True) and merged_push[3] == "hf_secret"
     assert {"model.safetensors", "config.json", "merge_config.yaml", "README.md"} <= set(merged_push[2])
     assert vector_push[:2] == ("org/vector", False) and set(vector_push[2]) == {"task_vector.safetensors", "README.md"}

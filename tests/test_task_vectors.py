@@ -139,6 +139,8 @@ def test_push_to_hub_round_trip_by_id_and_commit(hub_server, family, max_shard_s
     vector = TaskVector.from_models(base_dir, tuned_dir, task="digits", sam_mode="asam", sam_rho=0.5)
     sha = vector.push_to_hub("org/tv-digits", max_shard_size=max_shard_size)
     second = (vector * 0.5).push_to_hub("org/tv-digits", max_shard_size=max_shard_size)  # main moves on
+    pushes = hub_server.state.file_requests("org/tv-digits")
+    assert ("GET", "README.md") in pushes  # the second push checked that saft_hf pushed a task vector there
     for ref, revision, scale in [
         ("org/tv-digits", None, 0.5),
         (f"org/tv-digits@{sha}", None, 1.0),
@@ -153,8 +155,8 @@ def test_push_to_hub_round_trip_by_id_and_commit(hub_server, family, max_shard_s
         assert loaded.metadata["sam_rho"] == "0.5"
     card = hub_server.state.repos["org/tv-digits"].resolve(sha).files["README.md"].content.decode()
     assert 'TaskVector.from_pretrained("org/tv-digits")' in card and "- model: org/tv-digits" in card
-    served = hub_server.state.served_files("org/tv-digits")
-    assert "README.md" not in served and all(name.startswith("task_vector") for name in served)
+    loads = {name for _, name in hub_server.state.file_requests("org/tv-digits")[len(pushes) :]}
+    assert loads and all(name.startswith("task_vector") for name in loads)  # loading reads no card
     # The pushed copy applies to the base it was computed from, like the local one.
     assert (
         TaskVector.load(f"org/tv-digits@{sha}")

@@ -446,13 +446,15 @@ def merge(config: MergeConfig | dict | str | Path, *, token: str | bool | None =
     Pushed to the Hub in one commit when ``push_to_hub`` is set.
     """
     config = MergeConfig.coerce(config)
-    check_output_dir(config)
+    check_output_dir(config, token=token)
     return write_merge(MergePlan(config, token=token), progress=progress)
 
 
-def check_output_dir(config: MergeConfig) -> Path:
+def check_output_dir(config: MergeConfig, *, token: str | bool | None = None) -> Path:
     """``output_dir``, after checking (before any download) that it is set, lies apart from the recipe's local
-    inputs and would replace nothing saft_hf did not write (see :func:`saft_hf.io.atomic_output_dir`)."""
+    inputs and would replace nothing saft_hf did not write (see :func:`saft_hf.io.atomic_output_dir`); and that
+    ``push_to_hub`` names no input and no repo holding what saft_hf did not push (see
+    :func:`saft_hf.hub.check_push_target`)."""
     if not config.output_dir:
         raise ValueError("output_dir: required (where to write the merged model)")
     output_dir = Path(config.output_dir).expanduser()
@@ -461,6 +463,8 @@ def check_output_dir(config: MergeConfig) -> Path:
         output_dir, [(f"{field} ({ref})", ref) for field, ref in refs if hub.is_local(ref)], field="output_dir"
     )
     check_replaceable(output_dir.resolve())
+    if config.push_to_hub is not None:
+        hub.check_push_target(config.push_to_hub.repo_id, "merge", token=token, inputs=refs)
     return output_dir
 
 
@@ -473,7 +477,7 @@ def write_merge(
 ) -> Path:
     """Write ``plan`` (with parameter ``overrides``, e.g. a search's best point) to its ``output_dir``."""
     config = plan.config
-    output_dir = check_output_dir(config)
+    output_dir = check_output_dir(config, token=plan.token)
     parameters = {**config.parameters, **(overrides or {})}
     # Hub inputs are known as folders only now, resolved to their snapshots.
     inputs = [
@@ -525,7 +529,7 @@ def write_model_folder(
             writer.add(name, tensor)
         writer.close()
     _copy_support_files(plan.base.folder, folder, config.dtype)
-    record_finetune_mode(folder, plan.finetune_mode, config.base_model)
+    record_finetune_mode(folder, plan.finetune_mode, config.base_model, pushed=config.push_to_hub is not None)
     copy_shared_head(folder, {item.label: item.head_file for item in plan.inputs})
 
 

@@ -52,9 +52,10 @@ def common_finetune_mode(modes: Mapping[str, str | None], *, allow_mixed: bool =
     return recorded.pop() if recorded else None
 
 
-def record_finetune_mode(folder: Path, mode: str | None, base_model: str) -> None:
+def record_finetune_mode(folder: Path, mode: str | None, base_model: str, *, pushed: bool = False) -> None:
     """Record the inputs' ``mode`` in ``folder/config.json`` (copied from the base); FTTS also records
-    ``base_model``, the point the merge is linearised around."""
+    ``base_model``, the point the merge is linearised around: its absolute path when local, unless the folder is
+    ``pushed`` (no local path leaves the machine), where a local base is not recorded and scoring needs ``base=``."""
     config_path = folder / "config.json"
     if config_path.is_file():
         model_config = json.loads(config_path.read_text())
@@ -63,7 +64,7 @@ def record_finetune_mode(folder: Path, mode: str | None, base_model: str) -> Non
         model_config.pop(BASE_FIELD, None)
         if mode is not None:
             model_config[MODE_FIELD] = mode
-        if mode == FTTS_MODE:
+        if mode == FTTS_MODE and not (pushed and hub.is_local(base_model)):
             model_config[BASE_FIELD] = _base_reference(base_model)
         config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
     elif mode == FTTS_MODE:

@@ -95,7 +95,7 @@ def search_coefficients(
     if evaluate_on not in ("state_dict", "folder"):
         raise ValueError(f"evaluate_on: must be 'state_dict' or 'folder', got {evaluate_on!r}")
     if write_best:
-        check_output_dir(config)  # fail now, not after the search
+        check_output_dir(config, token=token)  # fail now, not after the search
     plan = MergePlan(config, token=token)
     finetune_mode = plan.finetune_mode
     table = []
