@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    RevisionResolutionError,
 )
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
@@ -198,6 +199,11 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         raise FileNotFoundError(
             f"Revision '{revision}' does not exist in Hub repo '{repo_id}' ({constants.ENDPOINT})."
         ) from error
+    except (RevisionResolutionError, OfflineModeIsEnabled) as error:
+        raise FileNotFoundError(
+            f"Model '{repo_id}' is not a local folder, and the Hub ({constants.ENDPOINT}) cannot be reached to look it "
+            "up (offline, or HF_HUB_OFFLINE is set): check the path, or go online"
+        ) from error
     except GatedRepoError as error:
         raise PermissionError(
             f"Hub repo '{repo_id}' is gated: accept its conditions on {constants.ENDPOINT}/{repo_id} and pass a token."
@@ -275,6 +281,8 @@ def fetch_config(
     repo_id, revision = parse_model_ref(ref, revision)
     if is_local(repo_id):
         path = Path(repo_id).expanduser() / filename
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"Local model folder '{repo_id}' does not exist (or is not a folder).")
         if not path.is_file():
             raise FileNotFoundError(f"Local model folder '{repo_id}' has no {filename}.")
     else:

@@ -26,6 +26,7 @@ from .io.alignment import (
     tied_aliases,
 )
 from .io.reading import CheckpointReader
+from .layout import is_task_vector_folder
 
 
 @dataclass
@@ -80,6 +81,11 @@ def open_model_weights(
         return ModelWeights(model, "in-memory state dict", aliases=shared_storage_aliases(model))
     ref = str(model)
     folder = hub.resolve_model(ref, revision, allow_pickle=allow_pickle, token=token)
+    if is_task_vector_folder(folder):  # its tensors have the model's names and shapes, but are differences
+        raise ValueError(
+            f"{ref} holds a saft_hf task vector, not a model: load it with TaskVector.from_pretrained, or list it as "
+            "a merge input"
+        )
     return ModelWeights(
         CheckpointReader(folder, allow_pickle=allow_pickle),
         ref,

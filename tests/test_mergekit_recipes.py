@@ -149,6 +149,30 @@ def test_filters_on_two_parameters_become_exclusive_regexes(in_models):
         ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: not a parameter of mergekit's ties"),
         ({"base_model": None}, "base_model: required by mergekit's ties"),
         ({"lora_merge_cache": "/tmp"}, "lora_merge_cache: unknown field in a mergekit recipe"),
+        # Wrong types: YAML reads `5e-1` as a string; mergekit takes any truthy value as true.
+        ({"parameters": {"density": "5e-1"}}, "parameters.density: expected a finite number, got '5e-1'"),
+        ({"parameters": {"density": float("nan")}}, "parameters.density: expected a finite number, got nan"),
+        ({"parameters": {"lambda": "0.5"}}, "parameters.lambda: expected a finite number, got '0.5'"),
+        ({"parameters": {"normalize": "false"}}, "parameters.normalize: expected true or false, got 'false'"),
+        ({"parameters": {"int8_mask": 7}}, "parameters.int8_mask: expected true or false, got 7"),
+        (
+            {"parameters": {"lambda": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}},
+            "parameters.lambda[0].value: expected a finite number, got 'x'",
+        ),
+        (
+            {"models": [{"model": "a", "parameters": {"weight": 1, "density": float("nan")}}]},
+            "models[0].parameters.density: expected a finite number, got nan",
+        ),
+        ({"merge_method": ["ties"]}, "merge_method: mergekit method ['ties'] is not supported"),
+        (
+            {"models": [{"model": m, "parameters": {"weight": 1e308}} for m in "ac"]},
+            "models: the weights sum to more than a float64 holds; use smaller weights",
+        ),
+        (
+            {"models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "a", "parameters": {"weight": 1}}]},
+            "models[1]: the same model as models[0] (a); list each model once and give it the weight it should have "
+            "(mergekit counts a repeated model once)",
+        ),
     ],
 )
 def test_unsupported_mergekit_features_are_refused_in_one_line(change, message):

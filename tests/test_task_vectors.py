@@ -121,6 +121,17 @@ def test_load_refuses_a_model_folder(family):
         TaskVector.load(family[0])
 
 
+def test_from_models_refuses_a_task_vector_as_either_model(family, tmp_path):
+    """A task vector has the model's tensor names and shapes, so it used to pass for a fine-tune (or a base) and
+    give a meaningless `tv - base`."""
+    base_dir, (tuned_dir, _) = family
+    vector_dir = TaskVector.from_models(base_dir, tuned_dir).save_pretrained(tmp_path / "tv")
+    message = f"{vector_dir} holds a saft_hf task vector, not a model: load it with TaskVector.from_pretrained"
+    for base, finetuned in [(base_dir, vector_dir), (vector_dir, tuned_dir)]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TaskVector.from_models(base, finetuned)
+
+
 def test_save_pretrained_and_from_pretrained_are_save_and_load():
     assert TaskVector.save is TaskVector.save_pretrained
     assert TaskVector.load.__func__ is TaskVector.from_pretrained.__func__

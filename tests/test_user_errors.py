@@ -212,8 +212,18 @@ def _recipe(family, folder: Path, **changes) -> Path:
     [
         ({"method": "nosuch"}, ["method: unknown merge method 'nosuch'"]),
         ({"colour": "red"}, ["colour: unknown field"]),
-        ({"models": [{"model": "{tmp}/missing"}, {"model": "{tmp}/missing"}]}, ["{tmp}/missing"]),
-        ({"base_model": "{tmp}/no_base"}, ["{tmp}/no_base"]),
+        ({"models": [{"model": "{tmp}/missing"}, {"model": "{tmp}/missing2"}]}, ["{tmp}/missing"]),
+        ({"base_model": "{tmp}/no_base"}, ["Local model folder '{tmp}/no_base' does not exist"]),
+        # A mistyped local path that could be a Hub id, with the Hub out of reach (the suite runs offline).
+        ({"base_model": "nosuch/base"}, ["Model 'nosuch/base' is not a local folder", "check the path, or go online"]),
+        (
+            {"tensor_parameters": [{"filter": "mlp", "parameters": [1]}]},
+            ["tensor_parameters[0].parameters: expected a mapping of parameter values, got [1]"],
+        ),
+        (
+            {"models": [{"model": "{tmp}/a"}, {"model": "{tmp}/a"}]},
+            ["models[1]: the same model as models[0] ({tmp}/a)"],
+        ),
     ],
 )
 def test_bad_merge_recipes_are_one_line_naming_the_field_or_folder(family, tmp_path, capsys, changes, parts):

@@ -136,6 +136,13 @@ class MergeConfig:
         self.models = [
             m if isinstance(m, ModelSpec) else ModelSpec.from_any(m, f"models[{i}]") for i, m in enumerate(self.models)
         ]
+        seen: dict[tuple[str, str | None], int] = {}
+        for index, model in enumerate(self.models):
+            if (first := seen.setdefault((model.model, model.revision), index)) != index:
+                raise ValueError(
+                    f"models[{index}]: the same model as models[{first}] ({model.model}); list each model once and "
+                    "give it the weight it should have (mergekit counts a repeated model once)"
+                )
         # Repo ids and revisions are checked here, so a bad one fails before anything is downloaded or written.
         hub.parse_model_ref(self.base_model, where="base_model")
         for index, model in enumerate(self.models):
@@ -187,7 +194,10 @@ class MergeConfig:
             _reject_unknown(entry, _field_names(TensorParameters), f"{where}.")
             if not isinstance(entry.get("filter"), str) or not entry["filter"]:
                 raise ValueError(f"{where}.filter: required (a substring, or a regex after `re:`)")
-            entry = TensorParameters(entry["filter"], dict(entry.get("parameters") or {}))
+            parameters = entry.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise ValueError(f"{where}.parameters: expected a mapping of parameter values, got {parameters!r}")
+            entry = TensorParameters(entry["filter"], dict(parameters))
         if not isinstance(entry, TensorParameters):
             raise ValueError(f"{where}: expected {{filter, parameters}}, got {entry!r}")
         if entry.filter.startswith(REGEX_PREFIX):

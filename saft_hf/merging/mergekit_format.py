@@ -166,11 +166,22 @@ def _scalar(value: Any, where: str) -> Any:
     return value
 
 
+def _typed(value: Any, default: Any, where: str) -> Any:
+    """``value`` if it has the type of mergekit's ``default`` (true/false for flags, else a finite number): YAML
+    reads `5e-1` as a string and mergekit takes any truthy value as true, so `normalize: "false"` would be true."""
+    value = _scalar(value, where)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    return _number(value, where)
+
+
 def _conditional(value: Any, default: Any, where: str) -> list[tuple[str | None, Any]]:
     """A parameter setting as ``[(filter, value), ..., (None, fallback)]``: up to the first unfiltered entry, or
     with mergekit's default as the fallback where the recipe has none."""
     if not isinstance(value, list) or not value or not all(isinstance(entry, dict) for entry in value):
-        return [(None, _scalar(value, where))]
+        return [(None, _typed(value, default, where))]
     options = []
     for index, entry in enumerate(value):
         unknown = sorted(set(entry) - {"filter", "value"})
@@ -178,7 +189,7 @@ def _conditional(value: Any, default: Any, where: str) -> list[tuple[str | None,
             raise ValueError(f"{where}[{index}]: expected {{filter, value}}, got {entry!r}")
         condition = entry.get("filter")
         condition = None if condition in (None, "*") else str(condition)
-        options.append((condition, _scalar(entry["value"], f"{where}[{index}].value")))
+        options.append((condition, _typed(entry["value"], default, f"{where}[{index}].value")))
         if condition is None:
             return options
     return [*options, (None, default)]
@@ -234,7 +245,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     may stand beside mergekit's fields)."""
     _check_unsupported(data)
     name = data["merge_method"]
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(
             f"merge_method: mergekit method {name!r} is not supported (supported: {', '.join(sorted(METHODS))})"
         )
@@ -269,7 +280,10 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"parameters.{missing[0]}: required by mergekit's {name} (for every tensor)")
 
-    weight_sum = math.fsum(weights)
+    try:
+        weight_sum = math.fsum(weights)
+    except OverflowError:
+        raise ValueError("models: the weights sum to more than a float64 holds; use smaller weights") from None
     result: dict[str, Any] = {
         "base_model": base_model,
         "models": [
@@ -322,8 +336,8 @@ def _number(value: Any, where: str) -> float:
             f"{where}: filters and gradients are not supported here (per model, or beside per-model "
             "values); give one number"
         )
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 
