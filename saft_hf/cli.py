@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from .entrypoint import DEBUG_ENVIRONMENT_VARIABLE, DEBUG_FLAG, exit_process, run_main
 from .errors import UnsafeOutputError
+from .layout import is_task_vector_folder
 
 PROG = "saft-hf"
 EVALUATION_FORMAT = "saft_hf.evaluation"  # marks a `saft-hf evaluate --output` file, which a later run may replace
@@ -122,6 +123,9 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     from . import hub
     from .task_vectors import TaskVector
 
+    for option, value in (("--dtype", args.dtype), ("--allow_nonfinite", args.allow_nonfinite)):
+        if args.lora and value:  # from_lora stores the deltas in the base's dtype and has no such option
+            raise ValueError(f"{option}: not supported with --lora; leave it out")
     if args.push_to_hub:  # checked before anything is computed or written
         hub.check_repo_id(args.push_to_hub, "--push_to_hub")
         inputs = [("--base", args.base), ("--lora", args.lora) if args.lora else ("--finetuned", args.finetuned)]
@@ -172,6 +176,9 @@ def check_evaluation_output(path: Path) -> None:
     """Refuse an ``--output`` that would replace a folder or a file ``saft-hf evaluate`` did not write."""
     if path.is_dir():
         raise ValueError(f"--output {path}: is a folder; name a .json file")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output {path}: {blocking} is a file, not a folder; choose another path")
     if not path.exists():
         return
     try:
@@ -188,6 +195,7 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Score ``args.model`` on each ``--task``; return the Markdown table (one row: the model, each task's
     accuracy in percent, their average, as in the paper's tables) and the scores as written to ``--output``."""
     # Deferred to the command that needs them: `saft-hf --help` starts fast.
+    from . import hub
     from .data import SPLITS, get_task
     from .evaluation import evaluate_model
     from .experiments.tables import to_markdown
@@ -202,6 +210,14 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     paths = dataset_paths(args.dataset_path, args.task)
     if args.output is not None:
         check_evaluation_output(args.output)
+    for option, ref in (("MODEL", args.model), ("--base", args.base)):
+        if ref is not None and hub.is_local(ref) and not Path(ref).expanduser().is_dir():
+            raise FileNotFoundError(f"{option} {ref}: no such model folder (and not a Hub id)")
+    if is_task_vector_folder(args.model):
+        raise ValueError(
+            f"MODEL {args.model}: holds a task vector, not a model; score the model it applies to (saft-hf merge, or "
+            "TaskVector.apply_to)"
+        )
 
     options = dict(
         batch_size=args.batch_size, max_samples=args.max_samples, base=args.base, progress=not args.no_progress

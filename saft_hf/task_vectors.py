@@ -635,7 +635,12 @@ def _read_adapter_config(
     config_path = folder / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_NAME}; not a PEFT adapter folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object (PEFT's adapter config), got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters have task vectors here"
@@ -646,6 +651,10 @@ def _read_adapter_config(
                 f"{config_path}: {option}={config[option]!r} is not supported: a task vector is a fixed weight "
                 "difference, and only plain LoRA and rsLoRA merge into one (base + B @ A * scaling)"
             )
+    for field in ("r", "lora_alpha"):  # PEFT writes both into every adapter_config.json it saves
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{config_path}: {field} must be a positive number, got {value!r}")
     return folder, config
 
 
@@ -730,7 +739,8 @@ def _lora_deltas(
         dtype=lambda name: tensor_dtype(base.tensors, name),
     )
     revision_label = hub.resolved_revision(adapter, revision, token=token)
-    return tensors, adapter if revision_label is None else f"{adapter}@{revision_label}"
+    repo_id = hub.parse_model_ref(adapter, revision)[0]  # `org/lora@main` is recorded as `org/lora@<its commit>`
+    return tensors, adapter if revision_label is None else f"{repo_id}@{revision_label}"
 
 
 def _submodule(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:

@@ -92,3 +92,26 @@ def test_output_it_did_not_write_is_left_alone(tmp_path, capsys):
     assert output.read_text() == '{"mine": 1}'
     assert cli_main(["evaluate", str(tmp_path / "no_model"), "--task", "digits", "--output", str(tmp_path)]) == 1
     assert capsys.readouterr().err == f"saft-hf: error: --output {tmp_path}: is a folder; name a .json file\n"
+
+
+def test_model_and_output_are_checked_before_anything_is_loaded(clip_dir, tmp_path, capsys):
+    vector = tmp_path / "tv"
+    vector.mkdir()
+    (vector / "task_vector.safetensors").write_bytes(b"")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["evaluate", str(tmp_path / "none")], f"MODEL {tmp_path / 'none'}: no such model folder (and not a Hub id)"),
+        (["evaluate", str(vector)], f"MODEL {vector}: holds a task vector, not a model; score the model it applies"),
+        (
+            ["evaluate", str(clip_dir), "--output", str(tmp_path / "afile" / "x.json")],
+            f"--output {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'} is a file, not a folder",
+        ),
+        (
+            ["evaluate", str(clip_dir), "--base", str(tmp_path / "nobase")],
+            f"--base {tmp_path / 'nobase'}: no such model folder",
+        ),
+    ]
+    for argv, message in cases:
+        assert cli_main([*argv, "--task", "digits", "--no_progress"]) == 1  # these used to be tracebacks or late
+        error = capsys.readouterr().err
+        assert error.startswith(f"saft-hf: error: {message}") and error.count("\n") == 1, error

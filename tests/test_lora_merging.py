@@ -249,3 +249,22 @@ def test_hub_adapters_are_checked_from_their_config_before_any_weight_download(h
     local = merge(_recipe(base, [folders[0]], tmp_path / "local"), progress=False)
     assert (from_hub / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
     assert (from_hub / HEAD_FILE).read_bytes() == (folders[0] / HEAD_FILE).read_bytes()
+
+
+def test_hub_adapter_source_records_the_repo_at_its_commit_once(hub_server, tmp_path, adapters):
+    base, _, _, folders, _ = adapters
+    adapter = shutil.copytree(folders[0], tmp_path / "adapter")
+    (adapter / "README.md").unlink()  # PEFT's card has a base_model entry the Hub refuses
+    sha = push_folder(adapter, "org/adapter")
+    for ref in ("org/adapter", "org/adapter@main", f"org/adapter@{sha[:10]}"):
+        vector = TaskVector.from_lora(base, ref, allow_other_base=True)
+        assert vector.metadata["source"] == f"org/adapter@{sha}", ref  # was `org/adapter@main@<sha>`
+
+
+@pytest.mark.parametrize(("option", "value"), [("--dtype", "float64"), ("--allow_nonfinite", None)])
+def test_task_vector_command_refuses_options_lora_has_no_use_for(tmp_path, adapters, capsys, option, value):
+    base, _, _, folders, _ = adapters
+    command = ["task-vector", "--base", str(base), "--lora", str(folders[0]), "-o", str(tmp_path / "tv"), option]
+    assert cli_main(command + ([value] if value else [])) == 1  # --dtype used to be ignored silently
+    assert capsys.readouterr().err == f"saft-hf: error: {option}: not supported with --lora; leave it out\n"
+    assert not (tmp_path / "tv").exists()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from saft_hf.cli import main as cli_main
 from saft_hf.errors import UnsafeOutputError
 from saft_hf.hub import _folder_files, push_folder, resolve_model
-from saft_hf.io import ShardedSafetensorsWriter
+from saft_hf.io import ShardedSafetensorsWriter, atomic_output_dir
 from saft_hf.layout import OUTPUT_MANIFEST_NAME
 from saft_hf.merging import merge
 from saft_hf.task_vectors import TaskVector
@@ -98,6 +98,26 @@ def test_output_that_is_inside_or_contains_an_input_is_refused(family, tmp_path,
     with pytest.raises(UnsafeOutputError, match=rf"^output_dir: \S+ {relation} the folder of input {field} \("):
         merge(recipe((base_dir, family[1][0], work / "ft1"), output), progress=False)
     assert tree(tmp_path) == before and not (base_dir / "merged").exists()
+
+
+def test_output_holding_a_file_an_input_links_to_is_refused(family, tmp_path):
+    """An input folder whose weights are a link into an earlier merge's folder: replacing that merge would change
+    the input (it used to, silently)."""
+    base_dir, (ft0, ft1) = family
+    merged = merge(recipe((base_dir, ft0, ft1), tmp_path / "merged"), progress=False)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(ft0 / "config.json", linked / "config.json")
+    (linked / "model.safetensors").symlink_to(merged / "model.safetensors")
+    before = tree(merged)
+
+    with pytest.raises(UnsafeOutputError) as refused:
+        merge(recipe((base_dir, linked, ft1), merged), progress=False)
+    assert str(refused.value) == (
+        f"output_dir: {merged} holds {merged / 'model.safetensors'}, which input models[0] ({linked}) reads through "
+        f"its link {linked / 'model.safetensors'}; writing there would change that input, choose another output_dir"
+    )
+    assert tree(merged) == before and hidden_entries(tmp_path) == []
 
 
 def test_hub_input_snapshot_is_checked_once_resolved(family, tmp_path, hub_server):
@@ -320,3 +340,18 @@ def test_staging_left_by_sigkill_is_removed_by_the_next_run_for_that_target_only
     assert hidden_entries(tmp_path) == sorted([live_staging, other_target, other_host])
     assert (tmp_path / live_staging / "partial.safetensors").read_bytes() == b"partial"
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_failed_output_leaves_no_folder_it_made_and_keeps_the_ones_it_found(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="mid-run"), atomic_output_dir(tmp_path / "kept/a/b/out", kind="test"):
+        raise RuntimeError("mid-run failure")
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_output_under_a_file_is_one_line_before_anything_is_made(family, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(UnsafeOutputError) as refused:
+        merge(recipe((family[0], *family[1]), tmp_path / "afile" / "sub" / "out"), progress=False)
+    assert str(refused.value) == f"output_dir: {tmp_path / 'afile'} is a file, not a folder; choose another output_dir"
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

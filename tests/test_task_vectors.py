@@ -360,3 +360,24 @@ def test_variants_a_weight_delta_cannot_express_are_refused(tmp_path, config, me
     get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match=re.escape(message)):
         TaskVector.from_lora(base_dir, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text[:-2], "adapter_config.json: not valid JSON ("),
+        (lambda text: "[1]", "adapter_config.json: expected a JSON object (PEFT's adapter config), got list"),
+        (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "r"}), "r must be a positive"),
+        (lambda text: json.dumps({**json.loads(text), "lora_alpha": "8"}), "lora_alpha must be a positive number, got"),
+    ],
+    ids=["truncated", "not-an-object", "no-rank", "alpha-string"],
+)
+def test_malformed_adapter_config_is_one_line_naming_the_file(tmp_path, edit, message):
+    base = tiny_clip_vision()
+    base_dir = save(base, tmp_path / "base")
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "ad")
+    config_path = tmp_path / "ad" / "adapter_config.json"
+    config_path.write_text(edit(config_path.read_text()))
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        TaskVector.from_lora(base_dir, tmp_path / "ad")
+    assert str(refused.value).startswith(str(config_path)) and "\n" not in str(refused.value)

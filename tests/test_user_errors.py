@@ -217,6 +217,10 @@ def _recipe(family, folder: Path, **changes) -> Path:
         # A mistyped local path that could be a Hub id, with the Hub out of reach (the suite runs offline).
         ({"base_model": "nosuch/base"}, ["Model 'nosuch/base' is not a local folder", "check the path, or go online"]),
         (
+            {"push_to_hub": {"repo_id": "org/merged", "private": "yes"}},
+            ["push_to_hub.private: expected true or false, got 'yes'"],
+        ),
+        (
             {"tensor_parameters": [{"filter": "mlp", "parameters": [1]}]},
             ["tensor_parameters[0].parameters: expected a mapping of parameter values, got [1]"],
         ),

@@ -40,10 +40,16 @@ def check_outside_inputs(
     output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], *, field: str
 ) -> None:
     """Raise :class:`UnsafeOutputError` when ``output`` is, contains or lies inside one of ``inputs`` (``(label,
-    path)`` pairs): writing there would replace, delete or add to an input. Paths are compared resolved."""
+    path)`` pairs), or holds a file an input links to: writing there would replace, delete or add to an input.
+    Paths are compared resolved."""
     output = Path(output).expanduser().resolve()
     for label, path in inputs:
         folder = Path(path).expanduser().resolve()
+        if (link := _link_into(folder, output)) is not None:
+            raise UnsafeOutputError(
+                f"{field}: {output} holds {link.resolve()}, which input {label} reads through its link {link}; "
+                f"writing there would change that input, choose another {field}"
+            )
         if output == folder:
             relation = "is"
         elif output.is_relative_to(folder):
@@ -59,6 +65,16 @@ def check_outside_inputs(
         )
 
 
+def _link_into(folder: Path, output: Path) -> Path | None:
+    """A symbolic link under ``folder`` (a model folder: few files) that resolves to a path inside ``output``."""
+    for root, directories, files in os.walk(folder):
+        for name in [*directories, *files]:
+            path = Path(root) / name
+            if path.is_symlink() and path.resolve().is_relative_to(output):
+                return path
+    return None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     target: str | os.PathLike,
@@ -72,12 +88,17 @@ def atomic_output_dir(
     Before any work: ``target`` must lie apart from ``inputs`` (:func:`check_outside_inputs`) and, if it exists, be
     replaceable (:func:`check_replaceable`), which is checked again right before the swap. On success the folder
     gets a manifest of its files (``kind`` says what it holds) and the umask's permissions; on error or SIGTERM the
-    staging folder is removed and ``target`` is left as it was. Staging left by dead processes (SIGKILL) for this
-    target is removed first.
+    staging folder is removed, and so are the parent folders made for ``target`` (when still empty), and ``target``
+    is left as it was. Staging left by dead processes (SIGKILL) for this target is removed first.
     """
     target = Path(target).expanduser().resolve()
     check_outside_inputs(target, inputs, field=field)
+    if (blocking := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise UnsafeOutputError(f"{field}: {blocking} is a file, not a folder; choose another {field}")
+    if os.path.ismount(target):  # the swap renames folders, and a mount point cannot be renamed
+        raise UnsafeOutputError(f"{field}: {target} is a mount point; choose a folder inside it")
     check_replaceable(target)
+    created = [parent for parent in target.parents if not parent.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(target)
     with _sigterm_interrupts():
@@ -89,6 +110,9 @@ def atomic_output_dir(
             replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            for parent in created:  # the folders made for the output, if nothing else was put there meanwhile
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
             raise
 
 

@@ -187,6 +187,8 @@ class MergeConfig:
             raise ValueError(f"push_to_hub: expected {{repo_id, private}} or null, got {self.push_to_hub!r}")
         if self.push_to_hub is not None:
             hub.check_repo_id(self.push_to_hub.repo_id, "push_to_hub.repo_id")
+            if not isinstance(self.push_to_hub.private, bool):  # "no" would be truthy: a public repo made private
+                raise ValueError(f"push_to_hub.private: expected true or false, got {self.push_to_hub.private!r}")
 
     def _tensor_parameters(self, entry: Any, index: int) -> TensorParameters:
         where = f"tensor_parameters[{index}]"
