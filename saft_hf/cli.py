@@ -123,9 +123,8 @@ def run_task_vector(args: argparse.Namespace) -> Path:
     from . import hub
     from .task_vectors import TaskVector
 
-    for option, value in (("--dtype", args.dtype), ("--allow_nonfinite", args.allow_nonfinite)):
-        if args.lora and value:  # from_lora stores the deltas in the base's dtype and has no such option
-            raise ValueError(f"{option}: not supported with --lora; leave it out")
+    if args.lora and args.dtype:  # from_lora stores the deltas in the base's dtype
+        raise ValueError("--dtype: not supported with --lora; leave it out")
     if args.push_to_hub:  # checked before anything is computed or written
         hub.check_repo_id(args.push_to_hub, "--push_to_hub")
         inputs = [("--base", args.base), ("--lora", args.lora) if args.lora else ("--finetuned", args.finetuned)]
@@ -138,6 +137,7 @@ def run_task_vector(args: argparse.Namespace) -> Path:
             finetune_mode=args.finetune_mode or "lora",
             allow_pickle=args.allow_pickle,
             allow_other_base=args.allow_other_base,
+            allow_nonfinite=args.allow_nonfinite,
             **recorded,
         )
     else:

@@ -226,6 +226,7 @@ class TaskVector(LazyStateDict):
         sam_eta: float | None = None,
         allow_pickle: bool = False,
         allow_other_base: bool = False,
+        allow_nonfinite: bool = False,
         token: str | bool | None = None,
     ) -> TaskVector:
         """The dense task vector of a PEFT LoRA adapter folder (or Hub reference) over ``base``.
@@ -237,7 +238,7 @@ class TaskVector(LazyStateDict):
 
         An adapter whose ``base_model_name_or_path`` provably names another model than ``base`` (a folder or Hub
         id; see :func:`saft_hf.hub.names_another_model`) is refused before the base is opened, unless
-        ``allow_other_base``.
+        ``allow_other_base``. A delta holding NaN or infinity is refused when computed, unless ``allow_nonfinite``.
         """
         folder, adapter_config = _read_adapter_config(str(adapter), adapter_revision, allow_pickle, token)
         if not allow_other_base and isinstance(base, str | os.PathLike):
@@ -246,7 +247,7 @@ class TaskVector(LazyStateDict):
             hub.check_recorded_base(f"adapter {adapter}", recorded, field, os.fspath(base))
         base_weights = open_model_weights(base, base_revision, allow_pickle=allow_pickle, token=token)
         tensors, source = _lora_deltas(
-            base_weights, str(adapter), adapter_revision, folder, adapter_config, allow_pickle, token
+            base_weights, str(adapter), adapter_revision, folder, adapter_config, allow_pickle, allow_nonfinite, token
         )
         metadata = _metadata(
             base_weights,
@@ -665,10 +666,11 @@ def _lora_deltas(
     folder: Path,
     config: Mapping[str, Any],
     allow_pickle: bool,
+    allow_nonfinite: bool,
     token: str | bool | None,
 ) -> tuple[ComputedStateDict, str]:
     """Dense deltas of the adapter at ``adapter`` (in ``folder``, with ``config``), keyed by base tensor names, and
-    a label for the adapter."""
+    a label for the adapter; each delta is checked for NaN/Inf as it is computed unless ``allow_nonfinite``."""
     from peft.utils.other import get_pattern_key
     from transformers.pytorch_utils import Conv1D
 
@@ -732,9 +734,16 @@ def _lora_deltas(
         check_shapes(base.tensors, adapter_tensors, {name: key}, other_label=label)
         plans[name] = _replacement_delta(base.tensors, name, adapter_tensors, key)
     order = [name for name in base.tensors if name in plans]
+
+    def compute(name: str) -> torch.Tensor:
+        delta = plans[name]()
+        if not allow_nonfinite:
+            check_finite(delta, where=f"{label}: tensor {name!r}", advice=_KEEP_NONFINITE)
+        return delta
+
     tensors = ComputedStateDict(
         order,
-        lambda name: plans[name](),
+        compute,
         shape=lambda name: tensor_shape(base.tensors, name),
         dtype=lambda name: tensor_dtype(base.tensors, name),
     )

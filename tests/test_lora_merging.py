@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from digits_clip import accuracy_of, digits_trained_clip, planted_labels
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from saft_hf.cli import main as cli_main
 from saft_hf.data import get_task, load_digits_splits
@@ -261,10 +261,27 @@ def test_hub_adapter_source_records_the_repo_at_its_commit_once(hub_server, tmp_
         assert vector.metadata["source"] == f"org/adapter@{sha}", ref  # was `org/adapter@main@<sha>`
 
 
-@pytest.mark.parametrize(("option", "value"), [("--dtype", "float64"), ("--allow_nonfinite", None)])
-def test_task_vector_command_refuses_options_lora_has_no_use_for(tmp_path, adapters, capsys, option, value):
+def test_task_vector_command_refuses_dtype_with_lora(tmp_path, adapters, capsys):
     base, _, _, folders, _ = adapters
-    command = ["task-vector", "--base", str(base), "--lora", str(folders[0]), "-o", str(tmp_path / "tv"), option]
-    assert cli_main(command + ([value] if value else [])) == 1  # --dtype used to be ignored silently
-    assert capsys.readouterr().err == f"saft-hf: error: {option}: not supported with --lora; leave it out\n"
+    command = ["task-vector", "--base", str(base), "--lora", str(folders[0]), "-o", str(tmp_path / "tv")]
+    assert cli_main([*command, "--dtype", "float64"]) == 1  # it used to be ignored silently
+    assert capsys.readouterr().err == "saft-hf: error: --dtype: not supported with --lora; leave it out\n"
     assert not (tmp_path / "tv").exists()
+
+
+def test_nonfinite_adapter_delta_is_refused_unless_allowed(tmp_path, adapters, capsys):
+    base, _, _, folders, _ = adapters
+    adapter = shutil.copytree(folders[0], tmp_path / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    a_key = next(key for key in tensors if key.endswith("lora_A.weight"))
+    tensors[a_key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    command = ["task-vector", "--base", str(base), "--lora", str(adapter), "-o", str(tmp_path / "tv")]
+
+    assert cli_main(command) == 1  # it used to save a vector holding NaN
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith(f"saft-hf: error: adapter {adapter}: tensor ") and " NaN " in error
+    assert not (tmp_path / "tv").exists()
+    assert cli_main([*command, "--allow_nonfinite"]) == 0
+    saved = load_file(tmp_path / "tv" / "task_vector.safetensors")
+    assert sum(int(tensor.isnan().sum()) for tensor in saved.values()) > 0  # kept as asked
