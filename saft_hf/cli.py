@@ -213,6 +213,8 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     for option, ref in (("MODEL", args.model), ("--base", args.base)):
         if ref is not None and hub.is_local(ref) and not Path(ref).expanduser().is_dir():
             raise FileNotFoundError(f"{option} {ref}: no such model folder (and not a Hub id)")
+        if ref is not None and not hub.is_local(ref):
+            hub.list_hub_files(ref)  # a missing repo or revision, or an unreachable Hub, is one line here
     if is_task_vector_folder(args.model):
         raise ValueError(
             f"MODEL {args.model}: holds a task vector, not a model; score the model it applies to (saft-hf merge, or "

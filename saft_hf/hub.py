@@ -158,6 +158,8 @@ def parse_model_ref(ref: str, revision: str | None = None, *, where: str | None 
     if is_local(ref):
         return ref, revision
     repo_id, at, ref_revision = ref.partition("@")
+    if at and Path(repo_id).expanduser().exists():  # it would be read as that folder, the revision dropped
+        raise ValueError(f"{where}: '{repo_id}' is a local folder, which has no revisions; drop '@{ref_revision}'")
     check_repo_id(repo_id, f"{where} (not a local folder either)")
     if not at:
         return repo_id, revision

@@ -35,6 +35,7 @@ import torch
 
 from . import hub
 from .cards import task_vector_card
+from .errors import NonFiniteError
 from .io import (
     CheckpointReader,
     ComputedStateDict,
@@ -429,7 +430,18 @@ class TaskVector(LazyStateDict):
     def __mul__(self, scale: float) -> TaskVector:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             return NotImplemented
-        tensors = ComputedStateDict(list(self), lambda name: self[name] * scale, shape=self.shape, dtype=self.dtype)
+
+        def scaled(name: str) -> torch.Tensor:
+            tensor = self[name]
+            result = tensor * scale
+            if not bool(torch.isfinite(result).all()) and bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"tensor {name!r}: {scale:g} times the task vector overflows {tensor.dtype}; scale by less, or "
+                    "compute the vector in float32 (dtype=torch.float32)"
+                )
+            return result
+
+        tensors = ComputedStateDict(list(self), scaled, shape=self.shape, dtype=self.dtype)
         metadata = {
             **self.metadata,
             "task": f"{scale:g}*{self.task}",

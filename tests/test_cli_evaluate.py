@@ -110,6 +110,8 @@ def test_model_and_output_are_checked_before_anything_is_loaded(clip_dir, tmp_pa
             ["evaluate", str(clip_dir), "--base", str(tmp_path / "nobase")],
             f"--base {tmp_path / 'nobase'}: no such model folder",
         ),
+        # A Hub id, with the Hub out of reach (the suite runs offline): it was transformers' OSError traceback.
+        (["evaluate", "nosuch/model"], "Model 'nosuch/model' is not a local folder, and the Hub"),
     ]
     for argv, message in cases:
         assert cli_main([*argv, "--task", "digits", "--no_progress"]) == 1  # these used to be tracebacks or late

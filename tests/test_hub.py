@@ -361,3 +361,14 @@ def test_fetch_config_reads_local_folders_and_rejects_bad_json(tmp_path, model_f
         fetch_config(str(broken))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
+
+
+def test_a_local_folder_with_a_revision_is_refused(tmp_path, monkeypatch):
+    """`m/base@main` where `m/base` is a local folder used to read the folder and drop the revision silently."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m" / "base").mkdir(parents=True)
+    with pytest.raises(
+        ValueError, match=r"^base_model: 'm/base' is a local folder, which has no revisions; drop '@main'$"
+    ):
+        parse_model_ref("m/base@main", where="base_model")
+    assert parse_model_ref("m/other@main") == ("m/other", "main")  # no such folder: a Hub id

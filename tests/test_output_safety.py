@@ -20,6 +20,7 @@ from saft_hf.cli import main as cli_main
 from saft_hf.errors import UnsafeOutputError
 from saft_hf.hub import _folder_files, push_folder, resolve_model
 from saft_hf.io import ShardedSafetensorsWriter, atomic_output_dir
+from saft_hf.io.outputs import replace_dir
 from saft_hf.layout import OUTPUT_MANIFEST_NAME
 from saft_hf.merging import merge
 from saft_hf.task_vectors import TaskVector
@@ -355,3 +356,21 @@ def test_output_under_a_file_is_one_line_before_anything_is_made(family, tmp_pat
         merge(recipe((family[0], *family[1]), tmp_path / "afile" / "sub" / "out"), progress=False)
     assert str(refused.value) == f"output_dir: {tmp_path / 'afile'} is a file, not a folder; choose another output_dir"
     assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_output_another_run_made_during_the_swap_is_not_replaced(tmp_path):
+    """Two runs into the same new folder: the second's swap finds the first's output, made after its last check
+    (simulated by a target that claims not to exist); it used to end in an `[Errno 39]` traceback."""
+
+    class RacingPath(type(tmp_path)):
+        def exists(self, **kwargs):
+            return False
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "theirs.txt").write_text("first run")
+    staging = tmp_path / ".out.tmp"
+    staging.mkdir()
+    (staging / "mine.txt").write_text("second run")
+    with pytest.raises(UnsafeOutputError, match=r"out: another run wrote this folder while this one worked; run again"):
+        replace_dir(staging, RacingPath(tmp_path / "out"))
+    assert (tmp_path / "out" / "theirs.txt").read_text() == "first run"

@@ -10,6 +10,7 @@ from merge_fixtures import clip_vision_family, finetune_like, save, tiny_clip, t
 from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from saft_hf.errors import NonFiniteError
 from saft_hf.hub import push_folder
 from saft_hf.task_vectors import METADATA_FIELDS, TaskVector
 
@@ -381,3 +382,15 @@ def test_malformed_adapter_config_is_one_line_naming_the_file(tmp_path, edit, me
     with pytest.raises(ValueError, match=re.escape(message)) as refused:
         TaskVector.from_lora(base_dir, tmp_path / "ad")
     assert str(refused.value).startswith(str(config_path)) and "\n" not in str(refused.value)
+
+
+def test_scaling_that_overflows_the_dtype_is_refused_naming_the_tensor(family, tmp_path):
+    base_dir, (tuned_dir, _) = family
+    vector = TaskVector.from_models(base_dir, tuned_dir, dtype=torch.float16)
+    name = next(name for name in vector if bool((vector[name].abs() > 1e-2).any()))
+    with pytest.raises(NonFiniteError, match=re.escape(f"tensor {name!r}: 1e+07 times the task vector overflows")):
+        (vector * 1e7)[name]  # it used to hold inf, and save_pretrained wrote it
+    with pytest.raises(NonFiniteError):
+        (vector * 1e7).save_pretrained(tmp_path / "scaled")
+    assert not (tmp_path / "scaled").exists()
+    assert torch.equal((vector * 2.0)[name], vector[name] * 2.0)

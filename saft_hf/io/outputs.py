@@ -10,6 +10,7 @@ its owner (pid@host), and swapped in with renames; a later run removes the stagi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -225,7 +226,16 @@ def check_replaceable(target: Path) -> None:
 def replace_dir(staging: Path, target: Path) -> None:
     """Put ``staging`` at ``target``; an old ``target`` is renamed away first and deleted only afterwards."""
     if not target.exists():
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another run made ``target`` since it was checked: its output is not replaced unchecked.
+            raise UnsafeOutputError(
+                f"{target}: another run wrote this folder while this one worked; run again to replace it (if "
+                "saft_hf wrote all of it) or choose another output folder"
+            ) from None
         return
     retired = _owned_dir_beside(target, "old")
     try:
