@@ -318,7 +318,8 @@ def check_recorded_base(label: str, recorded: str | None, field: str, base_model
     if recorded and names_another_model(recorded, base_model):
         raise ValueError(
             f"{label}: records base model {recorded!r} ({field}), not the base_model {base_model!r}; use the base "
-            "it was fine-tuned from, or pass allow_other_base=True (recipe: allow_other_base: true) to use it anyway"
+            "it was fine-tuned from, or pass allow_other_base=True (recipe: allow_other_base: true; saft-hf: "
+            "--allow_other_base) to use it anyway"
         )
 
 

@@ -71,7 +71,7 @@ METADATA_FIELDS = (
     "source",
 )
 TIED_WEIGHTS_FIELD = "tied_weights"  # JSON {base name stored twice: name of the tensor in the vector}
-_KEEP_NONFINITE = "pass allow_nonfinite=True to compute with such values as they are"
+_KEEP_NONFINITE = "pass allow_nonfinite=True (saft-hf: --allow_nonfinite) to compute with such values as they are"
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -571,7 +571,8 @@ class TaskVector(LazyStateDict):
             raise ValueError(
                 f"{label}: weights differ from the base this task vector was computed from "
                 f"({self.metadata.get('base_model')!r}, fingerprint {expected}; this base: {actual}). "
-                "Pass allow_other_base=True (recipe: allow_other_base: true) to apply it anyway."
+                "Pass allow_other_base=True (recipe: allow_other_base: true; saft-hf: --allow_other_base) to apply "
+                "it anyway."
             )
 
 

@@ -501,3 +501,18 @@ def test_an_unknown_task_is_a_one_line_user_error_that_is_still_a_key_error(caps
     assert str(error_info.value).startswith("Unknown task 'imagenet'. Registered tasks: ")
     assert run_main(lambda argv: get_task("imagenet"), [], prog="tool") == 1
     assert capsys.readouterr().err.startswith("tool: error: Unknown task 'imagenet'. Registered tasks: ")
+
+
+def test_a_hub_dataset_out_of_reach_is_one_line_saying_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network; nothing is cached for it here
+    with pytest.raises(FileNotFoundError) as refused:
+        get_task("sst2").load()
+    message = str(refused.value)  # it was datasets' ConnectionError, shown as a traceback
+    assert message.startswith("dataset 'nyu-mll/glue': Couldn't reach 'nyu-mll/glue' on the Hub")
+    assert (
+        message.endswith(
+            "go online, or give a local copy (a folder written by DatasetDict.save_to_disk; saft-hf "
+            "evaluate --dataset_path TASK=PATH)"
+        )
+        and "\n" not in message
+    )

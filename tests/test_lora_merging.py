@@ -152,7 +152,7 @@ def test_an_adapter_of_another_base_is_refused_before_anything_is_written(tmp_pa
     message = (
         f"models[1] ({adapter}): records base model '{other_base}' (adapter_config.json "
         f"base_model_name_or_path), not the base_model '{base}'; use the base it was fine-tuned from, or pass "
-        "allow_other_base=True (recipe: allow_other_base: true) to use it anyway"
+        "allow_other_base=True (recipe: allow_other_base: true; saft-hf: --allow_other_base) to use it anyway"
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         merge(_recipe(base, [folders[0], adapter], tmp_path / "out"), progress=False)

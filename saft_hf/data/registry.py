@@ -59,7 +59,13 @@ class HubDataset:
         if (Path(source) / "dataset_dict.json").is_file():
             raw = datasets.load_from_disk(source)
         else:
-            raw = datasets.load_dataset(source, self._configuration(source))
+            try:
+                raw = datasets.load_dataset(source, self._configuration(source))
+            except ConnectionError as error:  # offline, or the Hub unreachable: not a bug, say what to do
+                raise FileNotFoundError(
+                    f"dataset {source!r}: {error}; go online, or give a local copy (a folder written by "
+                    "DatasetDict.save_to_disk; saft-hf evaluate --dataset_path TASK=PATH)"
+                ) from error
         for split in ("train", self.test_split):
             if split not in raw:
                 raise ValueError(f"Dataset {source!r} has no {split!r} split (it has: {', '.join(raw)}).")
