@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -498,7 +499,9 @@ def push_folder(
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         remote_files = api.list_repo_files(repo_id, revision=revision)
-        stale_weights = set(filter_repo_objects(remote_files, allow_patterns=list(PUSH_REPLACED_PATTERNS)))
+        # Root files only: weights a user keeps in a subfolder (a checkpoint, an adapter) shadow nothing.
+        root_files = [path for path in remote_files if "/" not in path]
+        stale_weights = set(filter_repo_objects(root_files, allow_patterns=list(PUSH_REPLACED_PATTERNS)))
         operations = [CommitOperationDelete(path) for path in sorted(stale_weights - set(local_files))]
         operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in local_files]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
@@ -523,27 +526,35 @@ def check_push_target(
 
     Raises:
         UnsafeOutputError: naming the repo, what it holds and what to do.
+        ValueError: `repo_id` has no namespace (the repo it names is only known once created), or the Hub is
+            offline (`HF_HUB_OFFLINE`): nothing could be checked.
     """
-    if "/" not in repo_id:  # the Hub puts it in the token's namespace: push_folder checks the full id it gets back
-        return
+    if "/" not in repo_id:
+        raise ValueError(
+            f"push_to_hub: give the full repo id 'namespace/{repo_id}' (your user or organisation name), so that the "
+            "repo can be checked before anything is written"
+        )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("push_to_hub: the Hub is offline (HF_HUB_OFFLINE is set); unset it to push")
     for field, ref in inputs:
-        if not is_local(ref) and parse_model_ref(ref)[0] == repo_id:
+        if not is_local(ref) and parse_model_ref(ref)[0].lower() == repo_id.lower():  # Hub ids ignore case
             raise UnsafeOutputError(
                 f"push_to_hub: Hub repo '{repo_id}' is one of this run's inputs ({field}); push to another repo id"
             )
     api = HfApi(token=token)
-    try:
-        with _hub_errors(repo_id, revision):
+    with _hub_errors(repo_id, revision):
+        try:
             files = set(api.list_repo_files(repo_id, revision=revision)) - {".gitattributes"}
-    except FileNotFoundError:  # no such repo or branch yet: the push creates it
-        return
+        except GatedRepoError:
+            raise
+        except (RepositoryNotFoundError, RevisionNotFoundError):  # no such repo or branch yet: the push creates it
+            return
     if not files:
         return
-    tags: list = []
+    tags: list[str] = []
     if kind is not None and "README.md" in files:
         with _hub_errors(repo_id, revision):
-            card = Path(hf_hub_download(repo_id, "README.md", revision=revision, token=token))
-        tags = (metadata_load(card) or {}).get("tags") or []
+            tags = _card_tags(Path(hf_hub_download(repo_id, "README.md", revision=revision, token=token)))
     if kind is not None and SAFT_HF_TAG in tags and kind in tags:
         return
     shown = ", ".join(sorted(files)[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
@@ -557,9 +568,20 @@ def check_push_target(
 def _output_kind(folder: Path) -> str | None:
     """The kind of saft_hf output (a key of `layout.OUTPUT_KIND_TAGS`) whose card `folder/README.md` is, or None."""
     card = folder / "README.md"
-    tags = ((metadata_load(card) if card.is_file() else None) or {}).get("tags") or []
+    tags = _card_tags(card) if card.is_file() else []
     kinds = [kind for kind in OUTPUT_KIND_TAGS if kind in tags]
     return kinds[0] if SAFT_HF_TAG in tags and len(kinds) == 1 else None
+
+
+def _card_tags(card: Path) -> list[str]:
+    """The tags in a model card's metadata; none when it has no metadata mapping with a list of tags (malformed
+    YAML, not UTF-8, `tags: "a_saft_hf_note"`): such a card is not one saft_hf wrote."""
+    try:
+        metadata = metadata_load(card)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return [tag for tag in tags if isinstance(tag, str)] if isinstance(tags, list) else []
 
 
 def _failure(error: BaseException) -> str:

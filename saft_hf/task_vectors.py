@@ -372,7 +372,8 @@ class TaskVector(LazyStateDict):
             message = commit_message or f"Upload task vector {self.task or ''}".strip()
             local_output = (
                 "the pushed copy was built in a temporary folder, now deleted: the task vector is on disk only where "
-                f"TaskVector.save_pretrained() wrote it; retry with push_to_hub('{repo_id}')"
+                f"TaskVector.save_pretrained() wrote it; retry with push_to_hub('{repo_id}'"
+                f"{', private=True' if private else ''}{f', revision={revision!r}' if revision else ''})"
             )
             with hub.reporting_push_failure(repo_id, local_output):
                 return hub.push_folder(
@@ -602,15 +603,24 @@ def _folders(*models: tuple[str, ModelWeights]) -> list[tuple[str, Path]]:
     return [(f"{role} {weights.label}", weights.folder) for role, weights in models if weights.folder is not None]
 
 
-def _metadata(base: ModelWeights, names: list[str], **fields: Any) -> dict[str, str]:
+def _metadata(base: ModelWeights, names: list[str], *, source: str, **fields: Any) -> dict[str, str]:
     return {
         "format": TASK_VECTOR_FORMAT,
-        "base_model": base.ref,
+        "base_model": _recorded_ref(base.ref),
+        "source": _recorded_ref(source),
         "base_revision": base.revision,
         "saft_hf_version": _library_version(),
         "base_fingerprint": base_fingerprint(base.tensors, sorted(names)),
         **fields,
     }
+
+
+def _recorded_ref(ref: str) -> str:
+    """A model reference as a vector's metadata records it: an existing local folder by its absolute path, so that
+    the vector names it from any working directory and a push shows it as a local folder (a relative `m/base` read
+    from elsewhere could pass for a Hub id); anything else as given."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if hub.is_local(ref) and path.exists() else ref
 
 
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, Pretrain
 from saft_hf.errors import UnsafeOutputError
 from saft_hf.hub import (
     PickleWeightsError,
+    _card_tags,
     check_push_target,
     check_same_architecture,
     fetch_config,
@@ -179,6 +180,53 @@ def test_push_target_check_refuses_inputs_and_foreign_repos_before_any_write(hub
     with pytest.raises(UnsafeOutputError, match="saft_hf only pushes into new or empty repos"):
         check_push_target("org/earlier-merge", None)
     assert hub_server.state.commits_made("org/new") == []
+
+
+@pytest.mark.parametrize(
+    "card",
+    [b"---\ntags: not_saft_hf_merge_notes\n---\n", b"---\ntags: {saft_hf: 1, merge: 2}\n---\n"],
+    ids=["string", "mapping"],  # a string's `in` matched substrings; a mapping's matched keys
+)
+def test_a_card_whose_tags_are_not_a_list_is_not_saft_hfs(hub_server, card):
+    upload("org/odd-card", {"model.safetensors": b"their weights", "README.md": card})
+    with pytest.raises(UnsafeOutputError, match="^push_to_hub: Hub repo 'org/odd-card' already holds files saft_hf"):
+        check_push_target("org/odd-card", "merge")
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        b"---\ntags: [saft_hf, merge\n---\n",
+        b"---\n- saft_hf\n- merge\n---\n",
+        b"---\ntags: [saft_hf, merge]\n---\n\xff\xfe",
+        b"no metadata",
+    ],
+    ids=["malformed-yaml", "not-a-mapping", "not-utf8", "none"],
+)
+def test_cards_the_client_cannot_parse_have_no_tags(tmp_path, card):
+    """Such cards (which the Hub's client refuses to upload, but a repo may hold) were tracebacks in the check."""
+    (tmp_path / "README.md").write_bytes(card)
+    assert _card_tags(tmp_path / "README.md") == []
+
+
+def test_push_targets_need_a_namespace_the_hub_online_and_inputs_in_any_case(hub_server, monkeypatch):
+    upload("org/merged", {"README.md": b"---\ntags: [saft_hf, merge]\n---\n"})
+    with pytest.raises(UnsafeOutputError, match="'Org/Merged' is one of this run's inputs \\(models\\[0\\]\\)"):
+        check_push_target("Org/Merged", "merge", inputs=[("models[0]", "org/merged")])  # Hub ids ignore case
+    with pytest.raises(ValueError, match="^push_to_hub: give the full repo id 'namespace/merged'"):
+        check_push_target("merged", "merge")  # its namespace, hence the repo, is only known once created
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="^push_to_hub: the Hub is offline"):  # was taken for "no such repo"
+        check_push_target("org/new", "merge")
+
+
+def test_a_push_leaves_weights_in_subfolders_alone(hub_server, model_folder):
+    push_folder(model_folder, "org/tiny")
+    api = HfApi()
+    user_files = {"checkpoint-100/model.safetensors": b"a checkpoint", "adapter/adapter_model.bin": b"an adapter"}
+    upload("org/tiny", user_files)
+    push_folder(model_folder, "org/tiny")  # root weights are replaced; a subfolder's shadow nothing
+    assert set(user_files) <= set(api.list_repo_files("org/tiny"))
 
 
 def upload(repo_id: str, files: dict[str, bytes | Path]) -> str:

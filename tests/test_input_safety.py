@@ -317,6 +317,13 @@ def test_task_vector_command_refuses_to_push_into_its_base_before_writing(hub_se
     assert not out.exists() and hub_server.state.repos["org/base"].resolve("main").oid == base
 
 
+def test_failed_private_task_vector_push_suggests_a_private_retry(hub_server, family):
+    base_dir, tuned = family
+    hub_server.state.fail_next("commit")
+    with pytest.raises(PushError, match=re.escape("retry with push_to_hub('org/tv', private=True, revision='exp')")):
+        TaskVector.from_models(base_dir, tuned[0]).push_to_hub("org/tv", private=True, revision="exp")
+
+
 def test_failed_task_vector_push_says_nothing_is_kept_locally(hub_server, family):
     base_dir, tuned = family
     hub_server.state.fail_next("commit")

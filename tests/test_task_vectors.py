@@ -394,3 +394,19 @@ def test_scaling_that_overflows_the_dtype_is_refused_naming_the_tensor(family, t
         (vector * 1e7).save_pretrained(tmp_path / "scaled")
     assert not (tmp_path / "scaled").exists()
     assert torch.equal((vector * 2.0)[name], vector[name] * 2.0)
+
+
+def test_relative_local_inputs_are_recorded_absolute_and_pushed_as_local_folders(hub_server, family, monkeypatch):
+    """A vector built from `m/base` and `m/ft` and pushed from another working directory published them as if they
+    were the Hub ids `m/base` and `m/ft`."""
+    base_dir, (tuned_dir, _) = family
+    monkeypatch.chdir(base_dir.parent)
+    vector = TaskVector.from_models(base_dir.name, tuned_dir.name)
+    assert (vector.metadata["base_model"], vector.metadata["source"]) == (str(base_dir), str(tuned_dir))
+    monkeypatch.chdir(base_dir.parent.parent)
+    sha = vector.push_to_hub("org/tv-relative")
+    pushed = TaskVector.from_pretrained(f"org/tv-relative@{sha}").metadata
+    assert (pushed["base_model"], pushed["source"]) == (
+        f"{base_dir.name} (local folder)",
+        f"{tuned_dir.name} (local folder)",
+    )
