@@ -493,18 +493,26 @@ def push_folder(
     with _hub_errors(repo_id, revision):
         # Created first (nothing happens to an existing repo) for the full id a namespace-less `repo_id` gets.
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        # The commit checked is the one committed on: a commit landing in between fails the push (HTTP 412) rather
+        # than being overwritten, or mixed with this push's weights.
+        try:
+            head = api.model_info(repo_id, revision=revision).sha
+        except RevisionNotFoundError:  # a new branch, made from main below
+            head = None
         check_push_target(repo_id, _output_kind(folder), token=token, revision=revision)
         if private and not api.model_info(repo_id).private:
             raise PermissionError(f"Hub repo '{repo_id}' already exists and is public; refusing a private=True push.")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        remote_files = api.list_repo_files(repo_id, revision=revision)
+        remote_files = api.list_repo_files(repo_id, revision=head or revision)
         # Root files only: weights a user keeps in a subfolder (a checkpoint, an adapter) shadow nothing.
         root_files = [path for path in remote_files if "/" not in path]
         stale_weights = set(filter_repo_objects(root_files, allow_patterns=list(PUSH_REPLACED_PATTERNS)))
         operations = [CommitOperationDelete(path) for path in sorted(stale_weights - set(local_files))]
         operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in local_files]
-        commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+        commit = api.create_commit(
+            repo_id, operations, commit_message=commit_message, revision=revision, parent_commit=head
+        )
     return commit.oid
 
 

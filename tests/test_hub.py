@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -218,6 +219,21 @@ def test_push_targets_need_a_namespace_the_hub_online_and_inputs_in_any_case(hub
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="^push_to_hub: the Hub is offline"):  # was taken for "no such repo"
         check_push_target("org/new", "merge")
+
+
+def test_a_commit_landing_after_the_check_fails_the_push_instead_of_being_overwritten(hub_server, model_folder):
+    push_folder(model_folder, "org/tiny")
+    api, create_commit = HfApi, HfApi.create_commit
+
+    def user_commits_first(self, repo_id, operations, **kwargs):  # someone else's commit lands in between
+        create_commit(self, repo_id, [CommitOperationAdd("README.md", b"# mine now")], commit_message="edit")
+        return create_commit(self, repo_id, operations, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "create_commit", user_commits_first)
+        with pytest.raises(HfHubHTTPError, match="412"):
+            push_folder(model_folder, "org/tiny")
+    assert hub_server.state.repos["org/tiny"].resolve("main").files["README.md"].content == b"# mine now"
 
 
 def test_a_push_leaves_weights_in_subfolders_alone(hub_server, model_folder):
