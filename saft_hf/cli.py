@@ -174,10 +174,11 @@ def dataset_paths(pairs: Sequence[str], tasks: Sequence[str]) -> dict[str, str]:
 
 def check_evaluation_output(path: Path) -> None:
     """Refuse an ``--output`` that would replace a folder or a file ``saft-hf evaluate`` did not write."""
+    from .io import file_in_the_way  # deferred, as every command's imports here
+
     if path.is_dir():
         raise ValueError(f"--output {path}: is a folder; name a .json file")
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
+    if (blocking := file_in_the_way(path)) is not None:
         raise ValueError(f"--output {path}: {blocking} is a file, not a folder; choose another path")
     if not path.exists():
         return
@@ -211,10 +212,12 @@ def run_evaluate(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.output is not None:
         check_evaluation_output(args.output)
     for option, ref in (("MODEL", args.model), ("--base", args.base)):
-        if ref is not None and hub.is_local(ref) and not Path(ref).expanduser().is_dir():
-            raise FileNotFoundError(f"{option} {ref}: no such model folder (and not a Hub id)")
-        if ref is not None and not hub.is_local(ref):
+        if ref is None:
+            continue
+        if not hub.is_local(ref):
             hub.list_hub_files(ref)  # a missing repo or revision, or an unreachable Hub, is one line here
+        elif not Path(ref).expanduser().is_dir():
+            raise FileNotFoundError(f"{option} {ref}: no such model folder (and not a Hub id)")
     if is_task_vector_folder(args.model):
         raise ValueError(
             f"MODEL {args.model}: holds a task vector, not a model; score the model it applies to (saft-hf merge, or "

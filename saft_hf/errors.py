@@ -38,6 +38,15 @@ class PushError(SaftHfError):
     """Uploading to the Hub failed after the local output was written completely; the message says where it is."""
 
 
+_LISTED_NAMES = 3  # names shown in a message before "(+N more)"
+
+
+def listed_names(names: list[str]) -> str:
+    """``names`` as a one-line message lists them: the first three, then ``(+N more)``."""
+    more = f" (+{len(names) - _LISTED_NAMES} more)" if len(names) > _LISTED_NAMES else ""
+    return ", ".join(names[:_LISTED_NAMES]) + more
+
+
 # Exceptions that carry a user-facing one-line message (everything else is a bug: traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     SaftHfError,
@@ -57,4 +66,5 @@ __all__ = [
     "SaftHfError",
     "UnknownTaskError",
     "UnsafeOutputError",
+    "listed_names",
 ]

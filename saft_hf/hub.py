@@ -37,12 +37,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
-from .errors import OutsideFolderError, PushError, UnsafeOutputError
+from .errors import OutsideFolderError, PushError, UnsafeOutputError, listed_names
 from .layout import CONFIG_NAME, OUTPUT_KIND_TAGS, OUTPUT_MANIFEST_NAME, SAFT_HF_TAG, is_task_vector_folder
 
 __all__ = [
     "HubListing",
     "PickleWeightsError",
+    "absolute_ref",
     "check_push_target",
     "check_recorded_base",
     "check_repo_id",
@@ -170,6 +171,13 @@ def parse_model_ref(ref: str, revision: str | None = None, *, where: str | None 
     if revision is not None and revision != ref_revision:
         raise ValueError(f"{where}: '{ref}' pins revision '{ref_revision}' but revision='{revision}' was given.")
     return repo_id, ref_revision
+
+
+def absolute_ref(ref: str) -> str:
+    """``ref`` with an existing local folder named by its absolute path, so that it names the folder from any working
+    directory and is published as a local folder (a relative `m/base` could pass for a Hub id); else as given."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if is_local(ref) and path.exists() else ref
 
 
 def public_ref(ref: str) -> str:
@@ -565,11 +573,10 @@ def check_push_target(
             tags = _card_tags(Path(hf_hub_download(repo_id, "README.md", revision=revision, token=token)))
     if kind is not None and SAFT_HF_TAG in tags and kind in tags:
         return
-    shown = ", ".join(sorted(files)[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
     what = f"as a {OUTPUT_KIND_TAGS[kind]}" if kind is not None else "(saft_hf only pushes into new or empty repos)"
     raise UnsafeOutputError(
         f"push_to_hub: Hub repo {_describe(repo_id, revision)} already holds files saft_hf did not push there "
-        f"{what} ({shown}); push to a new repo id, or remove those files on the Hub first"
+        f"{what} ({listed_names(sorted(files))}); push to a new repo id, or remove those files on the Hub first"
     )
 
 

@@ -362,9 +362,9 @@ class TaskVector(LazyStateDict):
         hub.check_repo_id(repo_id, "repo_id")
         if revision is not None:
             hub.check_revision(revision, "revision")
-        sources = [(key, self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)]
-        hub.check_push_target(repo_id, "task-vector", token=token, revision=revision, inputs=sources)
-        shown = {key: hub.public_ref(self.metadata[key]) for key in ("base_model", "source") if self.metadata.get(key)}
+        references = {key: self.metadata[key] for key in ("base_model", "source") if self.metadata.get(key)}
+        hub.check_push_target(repo_id, "task-vector", token=token, revision=revision, inputs=list(references.items()))
+        shown = {key: hub.public_ref(ref) for key, ref in references.items()}
         pushed = TaskVector(self, {**self.metadata, **shown}, self.tied_weights)
         with tempfile.TemporaryDirectory(prefix="saft_hf-task-vector-") as scratch:
             folder = pushed.save_pretrained(Path(scratch) / "task_vector", max_shard_size=max_shard_size)
@@ -606,21 +606,13 @@ def _folders(*models: tuple[str, ModelWeights]) -> list[tuple[str, Path]]:
 def _metadata(base: ModelWeights, names: list[str], *, source: str, **fields: Any) -> dict[str, str]:
     return {
         "format": TASK_VECTOR_FORMAT,
-        "base_model": _recorded_ref(base.ref),
-        "source": _recorded_ref(source),
+        "base_model": hub.absolute_ref(base.ref),
+        "source": hub.absolute_ref(source),
         "base_revision": base.revision,
         "saft_hf_version": _library_version(),
         "base_fingerprint": base_fingerprint(base.tensors, sorted(names)),
         **fields,
     }
-
-
-def _recorded_ref(ref: str) -> str:
-    """A model reference as a vector's metadata records it: an existing local folder by its absolute path, so that
-    the vector names it from any working directory and a push shows it as a local folder (a relative `m/base` read
-    from elsewhere could pass for a Hub id); anything else as given."""
-    path = Path(ref).expanduser()
-    return str(path.resolve()) if hub.is_local(ref) and path.exists() else ref
 
 
 # ---- LoRA adapters -----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
-from ..errors import UnsafeOutputError
+from ..errors import UnsafeOutputError, listed_names
 from ..layout import OUTPUT_MANIFEST_NAME, PRETRAINING_RECORD_NAME, RECIPE_NAME, TASK_VECTOR_WEIGHT_FILES
 
 _MANIFEST_FORMAT = "saft_hf.output/1"
@@ -32,9 +32,6 @@ _MANIFEST_FORMAT = "saft_hf.output/1"
 # Files only saft_hf writes (a merge's recipe, a task vector, the demo's pre-training record): a folder holding one but
 # no manifest was written before manifests existed.
 _LEGACY_MARKERS = (RECIPE_NAME, *TASK_VECTOR_WEIGHT_FILES, PRETRAINING_RECORD_NAME)
-
-
-_LISTED_NAMES = 3  # names shown in a refusal before "(+N more)"
 
 
 def check_outside_inputs(
@@ -66,6 +63,11 @@ def check_outside_inputs(
         )
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """A parent of ``path`` that exists as a file (no folder can be made there), or None."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+
+
 def _link_into(folder: Path, output: Path) -> Path | None:
     """A symbolic link under ``folder`` (a model folder: few files) that resolves to a path inside ``output``."""
     for root, directories, files in os.walk(folder):
@@ -94,7 +96,7 @@ def atomic_output_dir(
     """
     target = Path(target).expanduser().resolve()
     check_outside_inputs(target, inputs, field=field)
-    if (blocking := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
+    if (blocking := file_in_the_way(target)) is not None:
         raise UnsafeOutputError(f"{field}: {blocking} is a file, not a folder; choose another {field}")
     if os.path.ismount(target):  # the swap renames folders, and a mount point cannot be renamed
         raise UnsafeOutputError(f"{field}: {target} is a mount point; choose a folder inside it")
@@ -171,11 +173,6 @@ def _read_manifest(target: Path) -> dict[str, dict[str, int]]:
     return files
 
 
-def _listed(names: list[str]) -> str:
-    more = f" (+{len(names) - _LISTED_NAMES} more)" if len(names) > _LISTED_NAMES else ""
-    return ", ".join(names[:_LISTED_NAMES]) + more
-
-
 def check_replaceable(target: Path) -> None:
     """Raise :class:`UnsafeOutputError` unless ``target`` is missing, empty, or a folder saft_hf wrote that still
     holds exactly the files its manifest records (each with its recorded size and mtime; a file removed since is
@@ -211,14 +208,14 @@ def check_replaceable(target: Path) -> None:
                 changed.append(path)
     if foreign:
         raise UnsafeOutputError(
-            f"{target}: holds files saft_hf did not write: {_listed(sorted(foreign))}; move them away or choose "
+            f"{target}: holds files saft_hf did not write: {listed_names(sorted(foreign))}; move them away or choose "
             "another output folder"
         )
     if changed:
         files = (
             f"file {changed[0]} changed since saft_hf wrote it"
             if len(changed) == 1
-            else (f"files {_listed(changed)} changed since saft_hf wrote them")
+            else (f"files {listed_names(changed)} changed since saft_hf wrote them")
         )
         raise UnsafeOutputError(f"{target}: {files}; move the folder's contents away or choose another output folder")
 

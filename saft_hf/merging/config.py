@@ -136,6 +136,8 @@ class MergeConfig:
         self.models = [
             m if isinstance(m, ModelSpec) else ModelSpec.from_any(m, f"models[{i}]") for i, m in enumerate(self.models)
         ]
+        # Repo ids and revisions are checked here, so a bad one fails before anything is downloaded or written.
+        hub.parse_model_ref(self.base_model, where="base_model")
         seen: dict[tuple[str, str | None], int] = {}
         for index, model in enumerate(self.models):
             if (first := seen.setdefault((model.model, model.revision), index)) != index:
@@ -143,9 +145,6 @@ class MergeConfig:
                     f"models[{index}]: the same model as models[{first}] ({model.model}); list each model once and "
                     "give it the weight it should have (mergekit counts a repeated model once)"
                 )
-        # Repo ids and revisions are checked here, so a bad one fails before anything is downloaded or written.
-        hub.parse_model_ref(self.base_model, where="base_model")
-        for index, model in enumerate(self.models):
             if model.revision is not None:
                 hub.check_revision(model.revision, f"models[{index}].revision")
             hub.parse_model_ref(model.model, model.revision, where=f"models[{index}].model")

@@ -73,9 +73,7 @@ def record_finetune_mode(folder: Path, mode: str | None, base_model: str, *, pus
 
 def _base_reference(base_model: str) -> str:
     """Where ``load_linearized`` finds ``w0`` from any working directory: an absolute path or the Hub id."""
-    if hub.is_local(base_model):
-        return str(Path(base_model).expanduser().resolve())
-    return hub.parse_model_ref(base_model)[0]
+    return hub.parse_model_ref(hub.absolute_ref(base_model))[0]
 
 
 def copy_shared_head(folder: Path, heads: Mapping[str, Path | None]) -> None:
